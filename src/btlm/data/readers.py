@@ -1,0 +1,201 @@
+"""Input discovery and streaming record readers for data preparation.
+
+Every reader yields one :class:`Record` per input record (a JSON line, a parquet row, a whole ``.txt``
+file), in file order, so a position ``(file_index, record_no)`` identifies a point in the corpus and a
+resumed run can skip straight to it. Bad records are yielded as problems (never raised here): the
+caller counts them, or raises with ``--strict``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+# Longest first, so ".jsonl.zst" is not mistaken for something ending in ".zst" only.
+SUPPORTED_SUFFIXES = (".jsonl.zst", ".json.zst", ".jsonl.gz", ".json.gz", ".jsonl", ".parquet", ".txt")
+
+
+class DataError(ValueError):
+    """Bad input or settings for data preparation / loading (message names the file, key or value)."""
+
+
+@dataclass
+class Record:
+    """One input record: ``text`` for a usable document, else ``problem`` (a kind such as ``malformed_json``)."""
+
+    record_no: int
+    text: str | None = None
+    problem: str | None = None
+    detail: str = ""
+
+
+def input_format(path: str | os.PathLike) -> str | None:
+    """Return the supported suffix ``path`` ends with, or None."""
+    name = str(path).lower()
+    return next((s for s in SUPPORTED_SUFFIXES if name.endswith(s)), None)
+
+
+def discover_files(input_dir: str | None = None, metadata_files: str | list[str] | None = None) -> list[str]:
+    """List the input files: ``metadata_files`` (one path a line, listed order kept) or ``input_dir``.
+
+    ``input_dir`` is searched recursively and the result sorted, so the same corpus packs into the
+    same shards on every file system (the Model Zoo used directory-listing order).
+    """
+    if metadata_files:
+        lists = metadata_files.split(",") if isinstance(metadata_files, str) else list(metadata_files)
+        files: list[str] = []
+        for lst in lists:
+            lst = lst.strip()
+            if not os.path.isfile(lst):
+                raise DataError(f"metadata file {lst!r} does not exist")
+            with open(lst, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    p = line.strip()
+                    if not p:
+                        continue
+                    if not os.path.isfile(p):
+                        raise DataError(f"{lst}:{n}: listed input file {p!r} does not exist")
+                    if input_format(p) is None:
+                        raise DataError(f"{lst}:{n}: {p!r} is not one of the supported formats {SUPPORTED_SUFFIXES}")
+                    files.append(p)
+    elif input_dir:
+        if not os.path.isdir(input_dir):
+            raise DataError(f"input_dir {input_dir!r} is not a directory")
+        files = sorted(str(p) for p in Path(input_dir).rglob("*") if p.is_file() and input_format(p))
+    else:
+        raise DataError("give --input_dir or --metadata_files")
+    if not files:
+        raise DataError(f"no input files with suffixes {SUPPORTED_SUFFIXES} in {input_dir or metadata_files!r}")
+    return files
+
+
+def _text_from_json(obj, key: str) -> Record:
+    """Pull the document text out of one decoded JSON value (a bare string line is a document too)."""
+    if isinstance(obj, str):
+        return Record(0, text=obj)
+    if not isinstance(obj, dict):
+        return Record(0, problem="malformed_json", detail=f"expected an object or a string, got {type(obj).__name__}")
+    if key not in obj:
+        return Record(0, problem="missing_key", detail=f"no key {key!r} (keys: {sorted(obj)[:8]})")
+    val = obj[key]
+    if isinstance(val, list) and all(isinstance(v, str) for v in val):
+        return Record(0, text="\n\n".join(val))  # Model Zoo joins list values with a blank line
+    if not isinstance(val, str):
+        return Record(0, problem="bad_value", detail=f"{key!r} is a {type(val).__name__}, expected a string")
+    return Record(0, text=val)
+
+
+def _open_binary(path: str, raw) -> io.BufferedReader:
+    """Wrap the raw file in the decompressor its suffix names."""
+    fmt = input_format(path)
+    if fmt.endswith(".zst"):
+        import zstandard
+
+        # max_window_size: SlimPajama files are written with long windows.
+        dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
+        return io.BufferedReader(dctx.stream_reader(raw, read_across_frames=True), buffer_size=1 << 20)
+    if fmt.endswith(".gz"):
+        return io.BufferedReader(gzip.GzipFile(fileobj=raw), buffer_size=1 << 20)
+    return io.BufferedReader(raw, buffer_size=1 << 20)
+
+
+def _corrupt_errors() -> tuple[type[BaseException], ...]:
+    import zstandard
+
+    return (zstandard.ZstdError, EOFError, OSError, zlib.error)
+
+
+def _iter_jsonl(path: str, raw, key: str, start: int) -> Iterator[Record]:
+    stream = _open_binary(path, raw)
+    n = -1
+    try:
+        for n, line in enumerate(stream):
+            if n < start or not line.strip():
+                continue
+            try:
+                s = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield Record(n, problem="invalid_utf8", detail=str(e))
+                continue
+            try:
+                obj = json.loads(s)
+            except ValueError as e:
+                yield Record(n, problem="malformed_json", detail=str(e))
+                continue
+            rec = _text_from_json(obj, key)
+            rec.record_no = n
+            yield rec
+    except _corrupt_errors() as e:
+        yield Record(n + 1, problem="corrupt_file", detail=f"{type(e).__name__}: {e}")
+
+
+def _iter_parquet(path: str, key: str, start: int) -> Iterator[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        yield Record(0, problem="corrupt_file", detail=f"{type(e).__name__}: {e}")
+        return
+    if key not in pf.schema_arrow.names:
+        yield Record(0, problem="missing_key", detail=f"no column {key!r} (columns: {pf.schema_arrow.names[:8]})")
+        return
+    n = 0
+    try:
+        for batch in pf.iter_batches(columns=[key], batch_size=1024):
+            for val in batch.column(0).to_pylist():
+                if n >= start:
+                    if isinstance(val, str):
+                        yield Record(n, text=val)
+                    else:
+                        yield Record(n, problem="bad_value" if val is not None else "missing_key",
+                                     detail=f"column {key!r} holds {type(val).__name__}, expected a string")
+                n += 1
+    except (pa.ArrowException, OSError) as e:
+        yield Record(n, problem="corrupt_file", detail=f"{type(e).__name__}: {e}")
+
+
+def iter_records(path: str, key: str = "text", start: int = 0, pos: list | None = None) -> Iterator[Record]:
+    """Yield the records of one input file from record number ``start`` on.
+
+    ``pos``, if given, is a one-element list updated with the bytes of ``path`` consumed so far
+    (compressed bytes for compressed inputs), for progress reporting.
+    """
+    fmt = input_format(path)
+    if fmt is None:
+        raise DataError(f"{path}: unsupported input format (expected one of {SUPPORTED_SUFFIXES})")
+    if fmt == ".parquet":
+        yield from _iter_parquet(path, key, start)
+        if pos is not None:
+            pos[0] = os.path.getsize(path)
+        return
+    with open(path, "rb") as raw:
+        if fmt == ".txt":
+            if start == 0:  # the whole file is one document
+                data = raw.read()
+                try:
+                    yield Record(0, text=data.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    yield Record(0, problem="invalid_utf8", detail=str(e))
+        else:
+            for rec in _iter_jsonl(path, raw, key, start):
+                if pos is not None:
+                    pos[0] = raw.tell()
+                yield rec
+    if pos is not None:
+        pos[0] = os.path.getsize(path)
+
+
+def where(path: str, rec: Record) -> str:
+    """Human location of a record: ``file:line N`` (jsonl), ``file:row N`` (parquet) or the file."""
+    fmt = input_format(path)
+    if fmt == ".txt":
+        return path
+    return f"{path}:{'row' if fmt == '.parquet' else 'line'} {rec.record_no + (fmt != '.parquet')}"

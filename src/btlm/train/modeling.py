@@ -1,0 +1,123 @@
+"""Model Zoo ``model:`` section → :class:`btlm.model.BTLMConfig`, Model Zoo initialisation, and the loss.
+
+Name mapping (spec §6.3, the Cerebras HF↔CS converter): ``hidden_size→n_embd``,
+``num_hidden_layers→n_layer``, ``num_heads→n_head``, ``filter_size→n_inner``,
+``max_position_embeddings→n_positions``, ``nonlinearity→activation_function``, dropouts,
+``embeddings_scale→mup_embeddings_scale``, ``scale_qk_dot_by_d→mup_scale_qk_dot_by_d``,
+``mup_width_scale = optimizer.adjust_learning_rate.decoder_kernel`` and
+``mup_output_alpha = output_logits_scale / mup_width_scale`` (so the logits scale is exactly the YAML's).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import InitializerConfig, ModelConfig, OptimizerConfig
+
+
+def btlm_config_from_params(model: ModelConfig, optimizer: OptimizerConfig | None = None, **overrides):
+    """The HF :class:`BTLMConfig` described by a Model Zoo ``model`` section."""
+    from btlm.model import BTLMConfig
+
+    width = ((optimizer.adjust_learning_rate or {}).get("decoder_kernel", 1.0) if optimizer else 1.0)
+    logits_scale = model.output_logits_scale if model.output_logits_scale is not None else width
+    init_std = model.embedding_initializer.std if model.embedding_initializer else model.initializer_range
+    kwargs = dict(
+        vocab_size=model.vocab_size,
+        n_positions=model.max_position_embeddings,
+        n_embd=model.hidden_size,
+        n_layer=model.num_hidden_layers,
+        n_head=model.num_heads,
+        n_inner=model.filter_size,
+        activation_function=model.nonlinearity,
+        resid_pdrop=model.dropout_rate,
+        embd_pdrop=model.dropout_rate if model.embedding_dropout_rate is None else model.embedding_dropout_rate,
+        attn_pdrop=model.dropout_rate if model.attention_dropout_rate is None else model.attention_dropout_rate,
+        layer_norm_epsilon=model.layer_norm_epsilon,
+        initializer_range=init_std,
+        scale_attn_weights=model.attention_type == "scaled_dot_product",
+        scale_attn_by_inverse_layer_idx=model.scale_qk_dot_by_layer_idx,
+        position_embedding_type=model.position_embedding_type,
+        mup_width_scale=width,
+        mup_embeddings_scale=model.embeddings_scale,
+        mup_output_alpha=logits_scale / width,
+        mup_scale_qk_dot_by_d=model.scale_qk_dot_by_d,
+        alibi_scaling=({"type": "linear", "factor": float(model.pos_scaling_factor)}
+                       if model.pos_scaling_factor != 1.0 else None),
+        tie_word_embeddings=True,
+        use_cache=False,
+        architectures=["BTLMLMHeadModel"],
+    )
+    kwargs.update(overrides)
+    return BTLMConfig(**kwargs)
+
+
+def _apply_initializer(tensor: torch.Tensor, init: InitializerConfig) -> None:
+    with torch.no_grad():
+        if init.name == "truncated_normal":
+            lo, hi = init.bounds()
+            nn.init.trunc_normal_(tensor, mean=init.mean, std=init.std, a=lo, b=hi)
+        elif init.name == "normal":
+            nn.init.normal_(tensor, mean=init.mean, std=init.std)
+        elif init.name == "zeros":
+            nn.init.zeros_(tensor)
+        elif init.name == "ones":
+            nn.init.ones_(tensor)
+        else:
+            nn.init.constant_(tensor, init.val)
+
+
+def initialize_weights(model: nn.Module, cfg: ModelConfig) -> None:
+    """Re-initialise ``model`` with the YAML's initializers (Model Zoo rules, spec §2.2).
+
+    ``embedding_initializer`` → token (and learned position) embeddings; ``initializer`` → q/k/v and
+    both FFN input projections; ``output_layer_initializer`` → attention output and FFN output
+    projections. Without them: N(0, initializer_range) and ``initializer_range/√(2L)`` for outputs,
+    truncated at ±2σ. Biases 0, LayerNorm 1/0. Model Zoo leaves ``linear_layer_for_glu.bias`` at torch's
+    uniform default (a quirk, spec §7.3); we zero it like every other bias (documented choice).
+    """
+    rng = cfg.initializer_range
+    default = InitializerConfig(name="truncated_normal", std=rng)
+    hidden = cfg.initializer or default
+    output = cfg.output_layer_initializer or InitializerConfig(
+        name="truncated_normal", std=rng / (2 * cfg.num_hidden_layers) ** 0.5)
+    embedding = cfg.embedding_initializer or default
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            _apply_initializer(module.weight, embedding)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif hasattr(module, "weight") and module.weight is not None and name.startswith("transformer.h."):
+            is_output = name.endswith("attn.c_proj") or name.endswith("mlp.c_proj")
+            _apply_initializer(module.weight, output if is_output else hidden)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+
+def build_model(model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig | None = None, seed: int | None = None,
+                **overrides):
+    """A freshly initialised :class:`BTLMLMHeadModel` for the ``model`` section (fp32 master weights)."""
+    from btlm.model import BTLMLMHeadModel
+
+    if seed is not None:
+        torch.manual_seed(seed)  # Model Zoo: the global seed is set just before model construction
+    model = BTLMLMHeadModel(btlm_config_from_params(model_cfg, optimizer_cfg, **overrides))
+    initialize_weights(model, model_cfg)
+    return model
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """``GPTLMHeadModelLoss`` (spec §2.2); labels are already the next tokens (shifted at preprocessing).
+
+    ``batch_size``: ``Σ ce·m / B · loss_weight`` (= per-token mean for packed data with
+    ``loss_weight = 1/msl``; padding still counts in the denominator); ``num_tokens``: ``Σ ce·m / Σ m``.
+    Computed in fp32 even under autocast.
+    """
+    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.long().flatten(), reduction="none")
+    total = (ce * loss_mask.flatten().to(ce.dtype)).sum()
+    if cfg.loss_scaling == "num_tokens":
+        return total / loss_mask.sum().clamp_min(1).to(ce.dtype)
+    return total / labels.shape[0] * cfg.loss_weight

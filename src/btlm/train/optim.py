@@ -1,0 +1,157 @@
+"""Optimizer, parameter groups and learning-rate scheduler with Model Zoo (cstorch) semantics.
+
+* Parameter groups (spec §2.3): no weight decay for biases and normalisation layers; learning-rate
+  multipliers from ``optimizer.adjust_learning_rate`` — ``decoder_kernel`` scales every weight matrix
+  inside the decoder blocks (muP: ``lr x mup_width_scale``), ``embedding`` the token embedding (tied to
+  the output layer). The frozen ALiBi slopes are never optimised.
+* :class:`AdamW` follows cstorch / HF-AdamW: eps is added to ``sqrt(v)`` *before* the bias correction,
+  ``correct_bias`` can switch the correction off, and the decay is decoupled and scaled by the group lr.
+* :class:`ScheduledLR` sets ``lr = schedule(t) x group["adjust_learning_rate"]``; ``t`` is 0 at the
+  first optimizer update, so the BTLM warm-up's first update uses lr 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import OptimizerConfig
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
+
+
+def _is_frozen(name: str, param: nn.Parameter) -> bool:
+    # The released checkpoint stores ALiBi slopes as a Parameter that comes back with
+    # requires_grad=True after from_pretrained (machine_facts.md), so exclude it by name too.
+    return not param.requires_grad or name.endswith("relative_pe.slopes")
+
+
+def classify_parameters(model: nn.Module) -> dict[str, tuple[str, nn.Parameter]]:
+    """Map each trainable parameter name to ``(kind, param)``.
+
+    kind is ``"decoder_kernel"`` (weights of the linear layers in the decoder blocks),
+    ``"embedding"`` (token / position embedding weights) or ``"no_decay"`` (biases and norm layers).
+    Tied parameters appear once (under their first name, ``transformer.wte.weight``).
+    """
+    kinds: dict[str, tuple[str, nn.Parameter]] = {}
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        for p_name, param in module.named_parameters(recurse=False):
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            if id(param) in seen or _is_frozen(name, param):
+                continue
+            seen.add(id(param))
+            if isinstance(module, _NORMS) or "bias" in p_name:
+                kind = "no_decay"
+            elif isinstance(module, nn.Embedding):
+                kind = "embedding"
+            elif isinstance(module, (Conv1D, nn.Linear)):
+                kind = "decoder_kernel"
+            else:
+                raise ValueError(f"parameter {name} ({type(module).__name__}) has no optimizer group rule")
+            kinds[name] = (kind, param)
+    return kinds
+
+
+def build_param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
+    """Optimizer param groups: ``{name, params, weight_decay, adjust_learning_rate}``; empty ones dropped."""
+    adjust = cfg.adjust_learning_rate or {}
+    groups = {
+        "decoder_kernel": {"weight_decay": cfg.weight_decay, "adjust_learning_rate": adjust.get("decoder_kernel", 1.0)},
+        "embedding": {"weight_decay": cfg.weight_decay, "adjust_learning_rate": adjust.get("embedding", 1.0)},
+        "no_decay": {"weight_decay": 0.0, "adjust_learning_rate": 1.0},
+    }
+    members: dict[str, list] = {k: [] for k in groups}
+    for kind, param in classify_parameters(model).values():
+        members[kind].append(param)
+    return [{"name": k, "params": members[k], **groups[k]} for k in groups if members[k]]
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW as in cstorch / HF (spec §2.3).
+
+    ``u = m / (sqrt(v) + eps)``; with ``correct_bias`` ``u *= sqrt(1 - b2^t) / (1 - b1^t)``;
+    ``p -= lr * (u + weight_decay * p)``. State: ``exp_avg``, ``exp_avg_sq``, ``beta1_power``,
+    ``beta2_power`` (the running products, as in the Model Zoo checkpoints).
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True):
+        if lr < 0 or eps <= 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"invalid AdamW hyper-parameters lr={lr} betas={betas} eps={eps} wd={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      correct_bias=correct_bias))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["beta1_power"] = torch.tensor(1.0, dtype=torch.float64)
+                    state["beta2_power"] = torch.tensor(1.0, dtype=torch.float64)
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(p.grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                step_size = lr
+                if group["correct_bias"]:
+                    state["beta1_power"] *= beta1
+                    state["beta2_power"] *= beta2
+                    b1p, b2p = state["beta1_power"].item(), state["beta2_power"].item()
+                    step_size = lr * math.sqrt(1 - b2p) / (1 - b1p)
+                if wd:
+                    p.mul_(1 - lr * wd)  # decay of the pre-update weights, scaled by the group lr
+                p.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step_size)
+        return loss
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """The optimizer named by ``optimizer_type`` over :func:`build_param_groups`."""
+    groups = build_param_groups(model, cfg)
+    kind = cfg.optimizer_type.lower()
+    if kind == "adamw":
+        return AdamW(groups, lr=0.0, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                     correct_bias=cfg.correct_bias)
+    if kind == "adam":  # L2-coupled decay, as torch.optim.Adam
+        return torch.optim.Adam(groups, lr=0.0, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+class ScheduledLR(torch.optim.lr_scheduler.LRScheduler):
+    """``group lr = schedule(last_epoch) x group["adjust_learning_rate"]`` (cstorch ``ScalePerParamLR``).
+
+    Its state is only the step count, so checkpoints hold no pickled Python objects; the schedule
+    itself always comes from the params YAML (which is how the 8k stage continues the 2k schedule).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule, last_epoch: int = -1):
+        self.schedule = schedule
+        for group in optimizer.param_groups:
+            group.setdefault("adjust_learning_rate", 1.0)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        base = self.schedule(max(self.last_epoch, 0))
+        return [base * g["adjust_learning_rate"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "_step_count": self._step_count}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_epoch = int(state_dict["last_epoch"])
+        self._step_count = int(state_dict.get("_step_count", self.last_epoch + 1))
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
+        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
