@@ -68,17 +68,17 @@ def load_model(path: str | os.PathLike, dtype=None, device=None, **config_overri
     path = str(path)
     _check_model_dir(path)
     config = BTLMConfig.from_pretrained(path, **config_overrides)
-    try:
-        model, info = BTLMLMHeadModel.from_pretrained(
-            path, config=config, dtype=parse_dtype(dtype) or "auto", output_loading_info=True
-        )
-    except (RuntimeError, ValueError) as err:  # shape mismatches surface here
-        raise ModelLoadError(f"cannot load BTLM weights from {path}: {err}") from err
-    missing = [k for k in info["missing_keys"] if k != "lm_head.weight"]
-    if missing or info.get("mismatched_keys"):
+    # ignore_mismatched_sizes only defers the shape check to us, so the error can name the keys.
+    model, info = BTLMLMHeadModel.from_pretrained(
+        path, config=config, dtype=parse_dtype(dtype) or "auto", output_loading_info=True, ignore_mismatched_sizes=True
+    )
+    missing = sorted(k for k in info["missing_keys"] if k != "lm_head.weight")
+    mismatched = [f"{k[0]} (checkpoint {list(k[1])}, model {list(k[2])})" if isinstance(k, tuple) and len(k) == 3 else str(k)
+                  for k in info.get("mismatched_keys") or []]
+    if missing or mismatched:
         raise ModelLoadError(
-            f"checkpoint {path} does not match its config: missing keys {missing[:8]}"
-            f"{' …' if len(missing) > 8 else ''}; mismatched shapes {list(info.get('mismatched_keys') or [])[:8]}"
+            f"checkpoint {path} does not match its config.json: missing keys {missing[:8]}"
+            f"{' …' if len(missing) > 8 else ''}; wrong shapes {mismatched[:8]}"
         )
     if device is not None:
         model = model.to(device)
