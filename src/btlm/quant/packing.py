@@ -1,0 +1,134 @@
+"""Weight-only quantisation math: group-wise asymmetric int4 and per-channel symmetric int8.
+
+Conventions follow PyTorch's own CPU weight-only kernels, which do the matmuls:
+
+* int4 (``torch.ops.aten._weight_int4pack_mm_for_cpu``): a weight ``W[n, k]`` (``nn.Linear`` layout,
+  ``N`` outputs × ``K`` inputs) is split along ``K`` into groups of ``group_size``; each (group, n) has a
+  ``scale`` and a ``zero`` and ``W ≈ (q - 8) · scale + zero`` with ``q ∈ [0, 15]``. The kernel takes the
+  scales and zeros as one ``[K / group_size, N, 2]`` tensor. We checked this formula numerically against
+  the kernel (``tests/quant/test_packing.py``).
+* int8 (``torch.ops.aten._weight_int8pack_mm``): ``W ≈ q · scale[n]``, ``q ∈ [-127, 127]``.
+
+Shape rules the kernels impose (found by probing torch 2.13; violating the int8 one segfaults):
+int4 needs ``group_size ∈ {32, 64, 128, 256}`` and ``K`` a multiple of it; int8 needs ``K`` a multiple of
+16. BTLM's FFN width 6826 meets neither, so ``K`` is zero-padded (the activations are zero-padded the same
+way, so the padded columns contribute exactly nothing) and ``N`` is padded to a multiple of 32 so the
+kernel's 32-row blocked layout (see :func:`to_kernel_layout`) has no ragged tail.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: Group sizes the int4 CPU kernel accepts.
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+SUPPORTED_BITS = (4, 8)
+#: Row-block of the int4 kernel layout; N is padded to it.
+KERNEL_BLOCK_N = 32
+INT8_K_MULTIPLE = 32
+
+
+class QuantizationError(ValueError):
+    """Bad quantisation settings (bit width, group size) or an unsupported model/directory."""
+
+
+def round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def check_settings(bits: int, group_size: int | None) -> None:
+    """Raise :class:`QuantizationError` naming the bad value if ``bits``/``group_size`` are unsupported."""
+    if bits not in SUPPORTED_BITS:
+        raise QuantizationError(f"unsupported bit width {bits!r}: expected one of {SUPPORTED_BITS}")
+    if bits == 4 and group_size not in INT4_GROUP_SIZES:
+        raise QuantizationError(
+            f"unsupported group size {group_size!r} for int4: expected one of {INT4_GROUP_SIZES} "
+            "(PyTorch's int4 CPU kernel only takes these; widths that are not a multiple are zero-padded)"
+        )
+
+
+def pad_weight(weight: torch.Tensor, n_multiple: int, k_multiple: int) -> torch.Tensor:
+    """Zero-pad an ``[N, K]`` weight to multiples of ``n_multiple`` rows and ``k_multiple`` columns."""
+    n, k = weight.shape
+    return F.pad(weight, (0, round_up(k, k_multiple) - k, 0, round_up(n, n_multiple) - n))
+
+
+# ------------------------------------------------------------------------------------------------ int4
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-wise asymmetric int4 of an ``[N, K]`` weight (``nn.Linear`` layout).
+
+    Returns ``q`` (uint8 ``[Np, Kp]``, values 0..15, padded rows/columns are zero weights) and
+    ``scales_and_zeros`` (bf16 ``[Kp / group_size, Np, 2]``). Scales and zeros are rounded to bf16
+    *before* ``q`` is computed, so the stored codes are the best ones for the stored scales.
+    """
+    w = pad_weight(weight.float(), KERNEL_BLOCK_N, group_size)
+    n, k = w.shape
+    groups = w.view(n, k // group_size, group_size)
+    w_min, w_max = groups.amin(-1), groups.amax(-1)
+    scale = ((w_max - w_min) / 15).clamp(min=1e-8).bfloat16().float()
+    zero = (w_min + 8 * scale).bfloat16().float()
+    q = ((groups - zero.unsqueeze(-1)) / scale.unsqueeze(-1) + 8).round_().clamp_(0, 15)
+    scales_and_zeros = torch.stack([scale.T, zero.T], dim=-1).bfloat16().contiguous()
+    return q.to(torch.uint8).view(n, k), scales_and_zeros
+
+
+def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize_int4`: ``[Np, Kp]`` codes → ``[Np, Kp]`` weights in ``dtype``."""
+    n, k = q.shape
+    n_groups = scales_and_zeros.shape[0]
+    scale = scales_and_zeros[..., 0].T.to(dtype).unsqueeze(-1)  # [N, G, 1]
+    zero = scales_and_zeros[..., 1].T.to(dtype).unsqueeze(-1)
+    w = (q.view(n, n_groups, k // n_groups).to(dtype) - 8).mul_(scale).add_(zero)
+    return w.view(n, k)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Storage format: ``[N, K]`` codes → ``[N, K/2]`` bytes, low nibble = even column (as GGUF/AWQ)."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).view(packed.shape[0], -1)
+
+
+def to_kernel_layout(q: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` codes → the int4 CPU kernel's packed ``[N, K/2]`` uint8 layout.
+
+    Equivalent to ``torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)`` (a test checks it)
+    but works on uint8 without the op's int32 copy: rows come in blocks of 32; for each column ``k`` a
+    block stores 16 bytes whose low nibbles are rows 0..15 and high nibbles rows 16..31.
+    """
+    n, k = q.shape
+    blocks = q.to(torch.uint8).view(n // KERNEL_BLOCK_N, 2, KERNEL_BLOCK_N // 2, k)
+    return (blocks[:, 0] | (blocks[:, 1] << 4)).permute(0, 2, 1).contiguous().view(n, k // 2)
+
+
+def from_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_kernel_layout` (used to dequantise for prefill and to save a loaded model)."""
+    n, half_k = packed.shape
+    byte = packed.view(n // KERNEL_BLOCK_N, 2 * half_k, KERNEL_BLOCK_N // 2).permute(0, 2, 1)  # [b, j, k]
+    return torch.stack([byte & 0xF, byte >> 4], dim=1).reshape(n, 2 * half_k)
+
+
+# ------------------------------------------------------------------------------------------------ int8
+
+
+def quantize_int8(weight: torch.Tensor, k_multiple: int = INT8_K_MULTIPLE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 of an ``[N, K]`` weight: ``(q int8 [N, Kp], scales bf16 [N])``.
+
+    ``K`` is zero-padded to ``k_multiple`` (the int8 kernel needs a multiple of 16; pass 1 for an
+    embedding table, which is only gathered and multiplied by full-width activations).
+    """
+    w = pad_weight(weight.float(), 1, k_multiple)
+    scale = (w.abs().amax(-1) / 127).clamp(min=1e-8).bfloat16().float()
+    q = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scale.bfloat16()
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize_int8`."""
+    return q.to(dtype) * scales.to(dtype)[:, None]
