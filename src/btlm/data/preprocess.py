@@ -235,7 +235,7 @@ class Packer:
         self.short_documents = st["short_documents"]
 
     # --- packing
-    def _window_bounds(self, n: int, final: bool) -> tuple[list[tuple[int, int]], int]:
+    def _window_bounds(self, n: int, final: bool, shared_first: bool = False) -> tuple[list[tuple[int, int]], int]:
         """(start, length) of each window over a stream of n tokens, and where the unconsumed tail starts."""
         msl, out, pos = self.msl, [], 0
         if self.short_seq_prob == 0.0:
@@ -249,16 +249,15 @@ class Packer:
                     length = self.rng.randint(2, msl - 1)
                 out.append((pos, length))
                 pos += length - 1  # the window's last token starts the next window: nothing is lost
-        if final and n - pos >= 2:
-            if n - pos >= self.min_len:
-                out.append((pos, n - pos))
-            else:
-                self.dropped_tokens += n - pos
-                if not out:
+        if final:
+            tail = n - pos
+            if tail >= 2 and tail >= self.min_len:
+                out.append((pos, tail))
+            elif tail > 0:
+                # the tail's first token already served as the previous window's last label
+                self.dropped_tokens += tail - (1 if (pos > 0 or shared_first) else 0)
+                if not out and not self.pack:
                     self.short_documents += 1
-            pos = n
-        elif final:
-            self.dropped_tokens += max(n - pos - 1, 0) if out else n - pos
             pos = n
         return out, pos
 
@@ -299,10 +298,8 @@ class Packer:
         if not self.pack or not len(self.buf):
             return _concat_rows([], self.msl)
         stream, self.buf = self.buf, np.empty(0, dtype=np.int32)
-        if len(stream) < self.min_len or len(stream) < 2:
-            self.dropped_tokens += len(stream) - 1 if self.rows_emitted else len(stream)
-            return _concat_rows([], self.msl)
-        return self._rows(stream, [(0, len(stream))])
+        bounds, _ = self._window_bounds(len(stream), final=True, shared_first=self.rows_emitted > 0)
+        return self._rows(stream, bounds) if bounds else _concat_rows([], self.msl)
 
 
 def _concat_rows(parts, msl):

@@ -1,0 +1,483 @@
+"""``btlm data LMData …`` / ``python -m btlm.data.create_hdf5_dataset LMData …``: raw text → HDF5 shards.
+
+A re-implementation of the Cerebras Model Zoo ``create_hdf5_dataset.py LMData`` (same flags, YAML
+``--params`` sections and ``[n, 3, msl]`` int32 output), with these differences, all deliberate:
+
+* **Lossless and process-count independent.** The corpus is read in one deterministic order (sorted
+  files, or the ``--metadata_files`` order) and packed as one token stream; ``--processes`` workers only
+  tokenize batches of documents (results are consumed in submission order) and write shards. The
+  shards are therefore byte-for-byte the same for any number of processes, and no tokens are lost at
+  worker boundaries (the Model Zoo dropped each worker's last partial window).
+* **Robust.** Malformed JSON, missing keys, invalid UTF-8 and corrupt compressed files are counted and
+  reported with file and line (``--strict True`` makes them an error). Shards are written under a
+  hidden temporary name and renamed when complete.
+* **Exact resume.** After each shard the small ``checkpoint.json`` records where the rows of the next
+  shard begin in the input (a file/record position, the packer's leftover tokens and rng); a
+  resumed run replays from there and produces exactly the shards of an uninterrupted run.
+* ``--use_ftfy`` defaults to False (the Model Zoo README's documented default; its code said True,
+  which the spec marks as a discrepancy). Shard names are zero-padded (``examples_00000.h5``) so the
+  loader's sorted file order is the corpus order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from btlm.data.preprocess import (BatchTokenizer, CleanSpec, Packer, TokenizerSpec, init_worker, tokenize_batch,
+                                  write_shard)
+from btlm.data.readers import DataError, discover_files, iter_records, where
+
+CHECKPOINT = "checkpoint.json"
+MAX_PROBLEMS_LISTED = 100
+
+
+def str2bool(v) -> bool:
+    """Model Zoo passes booleans as the strings True/False."""
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("true", "1", "yes"):
+        return True
+    if s in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected True or False, got {v!r}")
+
+
+def _optional_str(v):
+    return None if v is None or str(v) == "None" else str(v)
+
+
+def _optional_int(v):
+    return None if v is None or str(v) == "None" else int(v)
+
+
+# name -> (section, type, default, help). Section is where data_params.json / the YAML puts the key.
+OPTIONS: dict[str, tuple[str, object, object, str]] = {
+    "input_dir": ("setup", _optional_str, None, "directory searched recursively for .txt/.jsonl/.jsonl.zst/.jsonl.gz/.parquet"),
+    "metadata_files": ("setup", _optional_str, None, "comma-separated list files, one input path a line (order kept; overrides --input_dir)"),
+    "output_dir": ("setup", str, "./data_dir/", "where the .h5 shards, data_params.json and checkpoint.json go"),
+    "processes": ("setup", int, 0, "worker processes for tokenization and shard writing (0 = all CPUs)"),
+    "tokenizer_type": ("processing", str, "GPT2Tokenizer", "GPT2Tokenizer (offline GPT-2 BPE) or HuggingFaceTokenizer"),
+    "huggingface_tokenizer": ("processing", _optional_str, None, "local tokenizer directory for HuggingFaceTokenizer"),
+    "vocab_file": ("processing", _optional_str, None, "GPT-2 merges file (gpt2-vocab.bpe); default: the shipped GPT-2 BPE"),
+    "encoder_file": ("processing", _optional_str, None, "GPT-2 encoder file (gpt2-encoder.json)"),
+    "eos_id": ("processing", _optional_int, None, "end-of-document id appended to every document (sets pad too)"),
+    "pad_id": ("processing", _optional_int, None, "padding id (default: the eos id)"),
+    "max_seq_length": ("processing", int, 2048, "sequence length msl of every row"),
+    "short_seq_prob": ("processing", float, 0.0, "probability that a row is shortened to a random length in [2, msl-1]"),
+    "output_name": ("processing", str, "examples", "shard name prefix: <output_name>_<index>.h5"),
+    "files_per_record": ("processing", int, 50000, "sequences (rows) per .h5 shard"),
+    "write_remainder": ("processing", str2bool, True, "write the last, partly filled shard"),
+    "resume_from_checkpoint": ("processing", str2bool, False, "continue a killed run in --output_dir"),
+    "display_pbar": ("processing", str2bool, False, "show a progress bar (bytes, documents/s, tokens/s, ETA)"),
+    "seed": ("processing", int, 0, "seed for short_seq_prob"),
+    "strict": ("processing", str2bool, False, "stop at the first bad record instead of counting it"),
+    "compression": ("processing", str, "gzip", "HDF5 compression of the shards: gzip (Model Zoo), lzf or none"),
+    "use_ftfy": ("dataset", str2bool, False, "fix mojibake with ftfy before tokenizing"),
+    "ftfy_normalizer": ("dataset", _optional_str, "NFC", "unicode normalization for ftfy: NFC or None"),
+    "wikitext_detokenize": ("dataset", str2bool, False, "undo WikiText tokenization artefacts"),
+    "jsonl_key": ("dataset", str, "text", "JSON key (or parquet column) holding the document text"),
+    "pack_sequences": ("dataset", str2bool, True, "pack documents into one stream (False: each document padded on its own)"),
+    "min_sequence_len": ("dataset", int, 6, "rows with fewer tokens are dropped (counted)"),
+    "split_text_to_tokenize": ("dataset", str2bool, False, "tokenize long documents in pieces (bounds tokenizer memory)"),
+    "chunk_len_to_split": ("dataset", int, 2000, "piece length in characters for split_text_to_tokenize"),
+    "inverted_mask": ("dataset", str2bool, False, "store 1 - mask (Model Zoo option)"),
+}
+# YAML keys of Model Zoo configs that are accepted with the only value this implementation supports.
+YAML_ONLY = {"dataset_processor": ("LMDataPreprocessor",), "write_in_batch": (True, False),
+             "input_ids_dtype": ("int32",), "input_mask_dtype": ("int32",), "remove_bos_in_chunks": (True, False)}
+# Settings that do not change the shards (may differ between a killed run and its resume).
+NOT_IN_FINGERPRINT = {"processes", "display_pbar", "resume_from_checkpoint", "strict"}
+
+
+def build_parser(prog: str = "btlm data") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description="Prepare HDF5 training data in the Cerebras Model Zoo layout.")
+    sub = ap.add_subparsers(dest="mode", required=True, metavar="LMData")
+    p = sub.add_parser("LMData", help="raw text -> packed [n, 3, msl] int32 rows (input_ids, attention_mask, labels)",
+                       description="Tokenize documents (+EOS), pack them into rows of max_seq_length and write .h5 "
+                                   "shards plus data_params.json. Booleans take True/False.")
+    p.add_argument("--params", help="YAML with setup / processing / dataset sections (command-line flags override it)")
+    for name, (_, typ, default, help_) in OPTIONS.items():
+        p.add_argument(f"--{name}", type=typ, default=None, help=f"{help_} (default: {default})")
+    return ap
+
+
+def load_config(args: argparse.Namespace) -> dict:
+    """Merge defaults < YAML ``--params`` < command line, validating every value."""
+    cfg = {k: v[2] for k, v in OPTIONS.items()}
+    if args.params:
+        cfg.update(_yaml_options(args.params))
+    cfg.update({k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None})
+    _validate(cfg)
+    return cfg
+
+
+def _yaml_options(path: str) -> dict:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise DataError(f"--params {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        doc = yaml.safe_load(f) or {}
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: expected a mapping with setup / processing / dataset sections")
+    out = {}
+    for section, values in doc.items():
+        if section not in ("setup", "processing", "dataset") or not isinstance(values, dict):
+            raise DataError(f"{path}: unknown section {section!r} (expected setup, processing, dataset mappings)")
+        for k, v in values.items():
+            if k in YAML_ONLY:
+                if v not in YAML_ONLY[k]:
+                    raise DataError(f"{path}: {section}.{k} = {v!r} is not supported (expected one of {YAML_ONLY[k]})")
+                continue
+            if k not in OPTIONS:
+                raise DataError(f"{path}: unknown key {section}.{k}")
+            try:
+                out[k] = None if v is None else OPTIONS[k][1](v)
+            except (TypeError, ValueError) as e:
+                raise DataError(f"{path}: {section}.{k} = {v!r}: {e}") from e
+    return out
+
+
+def _validate(cfg: dict) -> None:
+    def bad(key, expected):
+        raise DataError(f"{key} = {cfg[key]!r}: expected {expected}")
+
+    if cfg["max_seq_length"] < 2:
+        bad("max_seq_length", "an integer >= 2")
+    if cfg["files_per_record"] < 1:
+        bad("files_per_record", "an integer >= 1")
+    if not 0.0 <= cfg["short_seq_prob"] <= 1.0:
+        bad("short_seq_prob", "a probability in [0, 1]")
+    if cfg["short_seq_prob"] > 0 and cfg["max_seq_length"] < 4:
+        bad("max_seq_length", "at least 4 when short_seq_prob > 0")
+    if cfg["processes"] < 0:
+        bad("processes", "0 (all CPUs) or a positive count")
+    if cfg["compression"] not in ("gzip", "lzf", "none"):
+        bad("compression", "gzip, lzf or none")
+    if cfg["ftfy_normalizer"] not in ("NFC", "NFKC", None):
+        bad("ftfy_normalizer", "NFC, NFKC or None")
+    if cfg["chunk_len_to_split"] < 1:
+        bad("chunk_len_to_split", "a positive number of characters")
+    if cfg["tokenizer_type"] not in ("GPT2Tokenizer", "HuggingFaceTokenizer"):
+        bad("tokenizer_type", "GPT2Tokenizer or HuggingFaceTokenizer (NeoXTokenizer: use HuggingFaceTokenizer)")
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+@dataclass
+class Batch:
+    """Documents read between two corpus positions, with the counter changes reading them caused."""
+
+    start: tuple[int, int]
+    texts: list[str] = field(default_factory=list)
+    delta: Counter = field(default_factory=Counter)
+    problems: list[str] = field(default_factory=list)
+    bytes_done: int = 0
+
+
+def read_batches(files: list[str], start: tuple[int, int], key: str, strict: bool, batch_chars: int):
+    """Yield :class:`Batch` es of about ``batch_chars`` characters from corpus position ``start`` on.
+
+    Batch boundaries fall only after a usable document, and depend on the text alone, never on timing.
+    """
+    sizes = [os.path.getsize(f) for f in files]
+    done = sum(sizes[: start[0]])
+    batch, chars = Batch(start), 0
+    for fi in range(start[0], len(files)):
+        path, first, pos = files[fi], (start[1] if fi == start[0] else 0), [0]
+        if first == 0:
+            batch.delta["files_read"] += 1
+        for rec in iter_records(path, key, first, pos):
+            batch.delta["records_read"] += 1
+            if rec.problem:
+                msg = f"{where(path, rec)}: {rec.problem}: {rec.detail}"
+                if strict:
+                    raise DataError(msg + " (strict mode)")
+                batch.delta[f"discarded_{rec.problem}"] += 1
+                batch.problems.append(msg)
+                continue
+            if not rec.text.strip():
+                batch.delta["discarded_empty_document"] += 1
+                continue
+            batch.texts.append(rec.text)
+            batch.delta["documents"] += 1
+            batch.delta["raw_chars"] += len(rec.text)
+            chars += len(rec.text)
+            if chars >= batch_chars:
+                batch.bytes_done = done + pos[0]
+                yield batch
+                batch, chars = Batch((fi, rec.record_no + 1)), 0
+        done += sizes[fi]
+    batch.bytes_done = done
+    yield batch
+
+
+# ---------------------------------------------------------------------------------------------
+# executing: worker pool or in-process
+
+
+class _Done:
+    """An already computed result with the AsyncResult interface (used when processes == 1)."""
+
+    def __init__(self, fn, *args):
+        self._v = fn(*args)
+
+    def ready(self):
+        return True
+
+    def get(self):
+        return self._v
+
+
+class _Executor:
+    def __init__(self, processes: int, initargs: tuple):
+        self.pool = None
+        if processes > 1:
+            import multiprocessing as mp
+
+            # fork: workers start instantly; the parent has no threads at this point that workers need.
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            self.pool = ctx.Pool(processes, initializer=init_worker, initargs=initargs)
+        else:
+            init_worker(*initargs)
+
+    def submit(self, fn, *args):
+        return self.pool.apply_async(fn, args) if self.pool else _Done(fn, *args)
+
+    def close(self, ok: bool):
+        if self.pool:
+            (self.pool.close if ok else self.pool.terminate)()
+            self.pool.join()
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def shard_name(cfg: dict, idx: int) -> str:
+    return f"{cfg['output_name']}_{idx:05d}.h5"
+
+
+def _atomic_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _fingerprint(cfg: dict, files: list[str]) -> dict:
+    settings = {k: v for k, v in cfg.items() if k not in NOT_IN_FINGERPRINT}
+    return {"settings": settings, "files": [[f, os.path.getsize(f)] for f in files]}
+
+
+def _prepare_output(cfg: dict, fingerprint: dict) -> dict | None:
+    """Create the output dir; return the checkpoint to resume from (None: fresh run)."""
+    out = cfg["output_dir"]
+    os.makedirs(out, exist_ok=True)
+    shards = sorted(f for f in os.listdir(out) if f.endswith(".h5"))
+    ckpt_path = os.path.join(out, CHECKPOINT)
+    if not cfg["resume_from_checkpoint"]:
+        if shards:
+            raise DataError(f"output_dir {out!r} already holds {len(shards)} .h5 files; pass "
+                            "--resume_from_checkpoint True to continue a killed run, or use an empty directory")
+        return None
+    if not os.path.isfile(ckpt_path):
+        if shards:
+            raise DataError(f"--resume_from_checkpoint: {ckpt_path} is missing but {out!r} holds .h5 files")
+        return None
+    with open(ckpt_path, encoding="utf-8") as f:
+        ckpt = json.load(f)
+    if ckpt.get("fingerprint") != fingerprint:
+        old = ckpt.get("fingerprint", {})
+        diff = sorted(k for k in set(old.get("settings", {})) | set(fingerprint["settings"])
+                      if old.get("settings", {}).get(k) != fingerprint["settings"].get(k))
+        what = f"settings {diff}" if diff else "the input files (names or sizes)"
+        raise DataError(f"--resume_from_checkpoint: {ckpt_path} was written with different {what}; "
+                        "resume needs the same inputs and settings")
+    keep = {shard_name(cfg, i) for i in range(ckpt["shards_written"])}
+    for f in os.listdir(out):  # shards after the checkpoint and half-written temporaries are redone
+        if (f.endswith(".h5") and f not in keep) or (f.startswith(".") and ".h5.tmp" in f):
+            os.remove(os.path.join(out, f))
+    missing = sorted(keep - set(os.listdir(out)))
+    if missing:
+        raise DataError(f"--resume_from_checkpoint: shards {missing[:3]} recorded in {ckpt_path} are missing")
+    return ckpt
+
+
+def run(cfg: dict, batch_chars: int = 1 << 20, log=print) -> dict:
+    """Prepare the dataset described by ``cfg`` (see :data:`OPTIONS`); return the data_params dict."""
+    from tqdm.auto import tqdm
+
+    files = discover_files(cfg["input_dir"], cfg["metadata_files"])
+    tok_spec = TokenizerSpec(cfg["tokenizer_type"], cfg["huggingface_tokenizer"], cfg["vocab_file"], cfg["encoder_file"])
+    tok = BatchTokenizer(tok_spec)
+    eos = cfg["eos_id"] if cfg["eos_id"] is not None else tok.eos_id
+    pad = cfg["pad_id"] if cfg["pad_id"] is not None else (cfg["eos_id"] if cfg["eos_id"] is not None else tok.pad_id)
+    if eos is None or pad is None:
+        raise DataError(f"tokenizer {cfg['huggingface_tokenizer']!r} has no eos token: pass --eos_id")
+    fingerprint = _fingerprint(cfg, files)
+    ckpt = _prepare_output(cfg, fingerprint)
+    if ckpt and ckpt.get("complete"):
+        log(f"{cfg['output_dir']} is already complete ({ckpt['shards_written']} shards); nothing to resume")
+        with open(os.path.join(cfg["output_dir"], "data_params.json"), encoding="utf-8") as f:
+            return json.load(f)
+
+    msl, fpr = cfg["max_seq_length"], cfg["files_per_record"]
+    packer = Packer(msl, pad, cfg["pack_sequences"], cfg["short_seq_prob"], cfg["min_sequence_len"], cfg["seed"])
+    counters, problems, shard_stats = Counter(), [], Counter()
+    shards_written, start, skip_rows = 0, (0, 0), 0
+    if ckpt:
+        snap = ckpt["snapshot"]
+        packer.load_state(snap["packer"])
+        counters, problems = Counter(snap["counters"]), list(snap["problems"])
+        shard_stats, shards_written = Counter(ckpt["shard_stats"]), ckpt["shards_written"]
+        start = tuple(snap["position"])
+        skip_rows = shards_written * fpr - packer.rows_emitted
+        log(f"resuming after {shards_written} shards from {files[start[0]]} record {start[1]}")
+
+    processes = cfg["processes"] or os.cpu_count() or 1
+    clean_spec = CleanSpec(cfg["use_ftfy"], cfg["ftfy_normalizer"], cfg["wikitext_detokenize"],
+                           cfg["split_text_to_tokenize"], cfg["chunk_len_to_split"])
+    ex = _Executor(processes, (tok_spec, clean_spec, eos))
+    snapshots: deque = deque()  # (rows_emitted, snapshot) at the start of every packed batch
+    writes: deque = deque()  # (index, async result), committed strictly in order
+    pending: list = []
+    state = {"pending_n": 0, "next_shard": shards_written, "shards_written": shards_written}
+    total_bytes = sum(os.path.getsize(f) for f in files)
+    pbar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not cfg["display_pbar"], desc="LMData")
+    t0 = time.perf_counter()
+
+    def commit_ready(block: bool) -> None:
+        """Record finished shards (in order) and write the resume checkpoint after each."""
+        while writes and (block or writes[0][1].ready()):
+            idx, res = writes.popleft()
+            shard_stats.update(res.get())
+            state["shards_written"] = idx + 1
+            rows_done = (idx + 1) * fpr
+            while len(snapshots) > 1 and snapshots[1][0] <= rows_done:
+                snapshots.popleft()
+            _atomic_json(os.path.join(cfg["output_dir"], CHECKPOINT), {
+                "fingerprint": fingerprint, "shards_written": idx + 1, "shard_stats": dict(shard_stats),
+                "snapshot": snapshots[0][1], "complete": False})
+
+    def submit_shard(windows, lengths) -> None:
+        path = os.path.join(cfg["output_dir"], shard_name(cfg, state["next_shard"]))
+        writes.append((state["next_shard"], ex.submit(write_shard, path, windows, lengths, pad, eos,
+                                                      cfg["compression"], cfg["inverted_mask"])))
+        state["next_shard"] += 1
+
+    def add_rows(windows, lengths) -> None:
+        nonlocal skip_rows
+        if skip_rows:  # rows already in shards written before the resume point
+            k = min(skip_rows, len(lengths))
+            windows, lengths, skip_rows = windows[k:], lengths[k:], skip_rows - k
+        if len(lengths):
+            pending.append((windows, lengths))
+            state["pending_n"] += len(lengths)
+        if state["pending_n"] >= fpr:
+            w = np.concatenate([p[0] for p in pending])
+            n = np.concatenate([p[1] for p in pending])
+            full = len(n) // fpr * fpr
+            for s in range(0, full, fpr):
+                submit_shard(w[s: s + fpr], n[s: s + fpr])
+            pending[:] = [(w[full:], n[full:])] if full < len(n) else []
+            state["pending_n"] = len(n) - full
+
+    def pack(batch: Batch, res) -> None:
+        flat, lengths = res.get()
+        snapshots.append((packer.rows_emitted, {"position": list(batch.start), "counters": dict(counters),
+                                                "problems": list(problems), "packer": packer.state()}))
+        counters.update(batch.delta)
+        counters["tokens"] += len(flat)
+        problems.extend(batch.problems[: MAX_PROBLEMS_LISTED - len(problems)])
+        add_rows(*packer.add(flat, lengths))
+        pbar.update(batch.bytes_done - pbar.n)
+        dt = max(time.perf_counter() - t0, 1e-9)
+        pbar.set_postfix(docs_per_s=f"{counters['documents'] / dt:.0f}", tok_per_s=f"{counters['tokens'] / dt:.3g}")
+
+    ok = False
+    try:
+        inflight: deque = deque()
+        for batch in read_batches(files, start, cfg["jsonl_key"], cfg["strict"], batch_chars):
+            inflight.append((batch, ex.submit(tokenize_batch, batch.texts)))
+            if len(inflight) > 2 * processes:
+                pack(*inflight.popleft())
+                commit_ready(block=len(writes) > processes)
+        while inflight:
+            pack(*inflight.popleft())
+            commit_ready(block=False)
+        add_rows(*packer.finish())
+        if pending and cfg["write_remainder"]:
+            submit_shard(np.concatenate([p[0] for p in pending]), np.concatenate([p[1] for p in pending]))
+        elif pending:
+            counters["rows_not_written_remainder"] += state["pending_n"]
+        commit_ready(block=True)
+        ok = True
+    finally:
+        ex.close(ok)
+        pbar.close()
+
+    counters["tokens_dropped"] = packer.dropped_tokens
+    counters["discarded_short_document"] = packer.short_documents
+    params = _data_params(cfg, files, counters, problems, shard_stats, state["shards_written"], eos, pad, tok.vocab_size,
+                          time.perf_counter() - t0)
+    _atomic_json(os.path.join(cfg["output_dir"], "data_params.json"), params)
+    _atomic_json(os.path.join(cfg["output_dir"], CHECKPOINT), {
+        "fingerprint": fingerprint, "shards_written": state["shards_written"], "shard_stats": dict(shard_stats),
+        "complete": True})
+    return params
+
+
+def _data_params(cfg, files, counters, problems, shard_stats, n_shards, eos, pad, vocab_size, seconds) -> dict:
+    """data_params.json: the settings by Model Zoo section, then what the run read, dropped and wrote."""
+    out: dict = {s: {} for s in ("setup", "processing", "dataset")}
+    for k, (section, *_rest) in OPTIONS.items():
+        out[section][k] = cfg[k]
+    n = shard_stats.get("num_sequences", 0)
+    total = shard_stats.get("num_tokens", 0)
+    discarded = {k[len("discarded_"):]: v for k, v in sorted(counters.items()) if k.startswith("discarded_") and v}
+    out["post-process"] = {
+        "input_files": len(files), "files_read": counters["files_read"], "records_read": counters["records_read"],
+        "documents": counters["documents"], "discarded": discarded, "raw_chars_count": counters["raw_chars"],
+        "tokens": counters["tokens"], "tokens_dropped": counters["tokens_dropped"],
+        "rows_not_written_remainder": counters["rows_not_written_remainder"],
+        "n_examples": n, "n_shards": n_shards, "eos_id": eos, "pad_id": pad, "vocab_size": vocab_size,
+        "seconds": round(seconds, 3),
+    }
+    out["h5_dataset_stats"] = {**{k: shard_stats.get(k, 0) for k in ("num_sequences", "num_tokens", "loss_valid_tokens",
+                                                                     "non_pad_tokens", "eos_tokens")},
+                               "padding_fraction": round(1 - shard_stats.get("loss_valid_tokens", 0) / total, 6) if total else 0.0}
+    out["problems"] = problems
+    return out
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m btlm.data.create_hdf5_dataset") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        cfg = load_config(args)
+        params = run(cfg)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    pp, st = params["post-process"], params["h5_dataset_stats"]
+    print(f"wrote {pp['n_shards']} shards, {pp['n_examples']} sequences of {cfg['max_seq_length']} tokens to "
+          f"{cfg['output_dir']} ({pp['documents']} documents, {pp['tokens']} tokens, padding "
+          f"{st['padding_fraction']:.2%}, {pp['seconds']:.1f} s)")
+    if pp["discarded"]:
+        print(f"discarded records: {pp['discarded']} (first ones listed under 'problems' in data_params.json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
