@@ -25,7 +25,10 @@ model = BTLMModel._from_config(cfg, attn_implementation=attn).eval().to(dtype)
 x = torch.randint(0, 50257, (1, T))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 with torch.no_grad():
-    t0 = time.perf_counter(); model(x, use_cache=False); dt = time.perf_counter() - t0
+    model(x[:, :256], use_cache=False)  # warm-up: thread pools, oneDNN kernels
+    dt = float("inf")
+    for _ in range(2 if T <= 8192 else 1):  # best of two where affordable (the machine is noisy)
+        t0 = time.perf_counter(); model(x, use_cache=False); dt = min(dt, time.perf_counter() - t0)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"seconds": dt, "peak_mib": peak / 1024, "extra_mib": (peak - base) / 1024}))
 """
