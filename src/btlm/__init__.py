@@ -11,7 +11,10 @@ from btlm.model import (
     BTLMModel,
     config_from_preset,
 )
+from btlm.quant import register as _register_quantizer
 from btlm.tokenizer import load_tokenizer
+
+_register_quantizer()  # directories written by `btlm quantize` load through from_pretrained too
 
 __version__ = "0.1.0"
 
