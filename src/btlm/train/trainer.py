@@ -43,11 +43,11 @@ def make_dataloader(cfg: InputConfig, env: D.DistEnv):
 
     Each data-parallel rank reads a disjoint share (whole batches dealt round-robin, spec §4).
     """
-    from btlm.data import GptHDF5MapDataProcessor
+    from btlm.data.loader import IGNORED_KEYS, KNOWN_KEYS, GptHDF5MapDataProcessor
 
-    params = cfg.model_dump(exclude_none=True)
-    proc = GptHDF5MapDataProcessor(params, rank=env.rank, world_size=env.world_size)
-    return proc.create_dataloader() if hasattr(proc, "create_dataloader") else proc
+    # Unknown keys were already reported by the params check; pass only what the loader knows.
+    params = {k: v for k, v in cfg.model_dump(exclude_none=True).items() if k in KNOWN_KEYS | IGNORED_KEYS}
+    return GptHDF5MapDataProcessor(params, rank=env.rank, world_size=env.world_size).create_dataloader()
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
