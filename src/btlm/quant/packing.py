@@ -125,7 +125,7 @@ def quantize_int8(weight: torch.Tensor, k_multiple: int = INT8_K_MULTIPLE) -> tu
     """
     w = pad_weight(weight.float(), 1, k_multiple)
     scale = (w.abs().amax(-1) / 127).clamp(min=1e-8).bfloat16().float()
-    q = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    q = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8).contiguous()  # the kernel needs contiguous
     return q, scale.bfloat16()
 
 

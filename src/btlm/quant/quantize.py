@@ -89,3 +89,14 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
             module.prepare_kernel()
     return model
 
+
+
+def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the float tensors that are not quantisation parameters (LayerNorms, biases, the int8
+    embedding's row scales) to ``dtype``; int4 scales/zeros and int8 linear scales stay bf16 for the kernels."""
+    keep = {id(m.scales_and_zeros) for m in model.modules() if isinstance(m, Int4Conv1D)}
+    keep |= {id(m.weight_scale) for m in model.modules() if isinstance(m, Int8Conv1D)}
+    for param in model.parameters():
+        if param.is_floating_point() and id(param) not in keep:
+            param.data = param.data.to(dtype)
+    return model

@@ -1,0 +1,117 @@
+"""Quantised BTLM models: closeness to fp32, save → load round trip, CLI and its errors."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+import btlm  # noqa: F401  (registers the model classes)
+from btlm.quant import QuantizationError, load_quantized, quantize_model, register, save_quantized
+from btlm.quant import cli, modules
+from btlm.quant.modules import Int4Conv1D, Int8Conv1D, Int8Embedding, TiedInt8Head
+from tests.conftest import make_model
+
+register()
+
+
+def _kl(ref_logits, q_logits):
+    return F.kl_div(F.log_softmax(q_logits.float(), -1), F.log_softmax(ref_logits.float(), -1),
+                    log_target=True, reduction="batchmean").item()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model(vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    torch.manual_seed(1)
+    return torch.randint(0, 300, (2, 24))
+
+
+@pytest.mark.parametrize("bits,group_size,embedding_bits,max_kl", [(4, 32, 8, 2e-4), (4, 64, None, 2e-4),
+                                                                   (8, 128, 8, 5e-5)])
+def test_quantised_logits_stay_close(model, ids, bits, group_size, embedding_bits, max_kl):
+    ref = model(ids).logits
+    q = quantize_model(copy.deepcopy(model), bits=bits, group_size=group_size, embedding_bits=embedding_bits,
+                       progress=False)
+    linear_cls = Int4Conv1D if bits == 4 else Int8Conv1D
+    assert isinstance(q.transformer.h[1].mlp.c_proj, linear_cls)
+    assert isinstance(q.transformer.wte, Int8Embedding) == (embedding_bits == 8)
+    out = q(ids).logits
+    kl = _kl(ref.view(-1, 300), out.view(-1, 300))
+    assert 0 < kl < max_kl
+    # int4 is visibly lossy, int8 much less so: the test would notice a no-op "quantiser"
+    assert (out - ref).abs().max() > 1e-4
+
+
+def test_dense_prefill_path_matches_kernel(model, ids, monkeypatch):
+    q = quantize_model(copy.deepcopy(model), bits=4, group_size=32, progress=False)
+    kernel = q(ids).logits
+    monkeypatch.setattr(modules, "DEQUANT_MIN_ROWS", 1)  # every call takes the dequantise + F.linear route
+    dense = q(ids).logits
+    assert torch.allclose(kernel, dense, atol=0.05 * kernel.abs().max().item())
+    assert not torch.equal(kernel, dense)  # the routes differ (bf16 vs fp32 activations): both really ran
+
+
+def test_incremental_decoding_matches_full_forward(model, ids):
+    q = quantize_model(copy.deepcopy(model), bits=4, group_size=32, progress=False)
+    full = q(ids[:1]).logits
+    out = q(ids[:1, :20], use_cache=True)
+    step = q(ids[:1, 20:21], past_key_values=out.past_key_values, use_cache=True).logits
+    assert torch.allclose(step[0, -1], full[0, 20], atol=0.03 * full.abs().max().item())
+
+
+def test_save_load_round_trip(model, ids, tmp_path):
+    q = quantize_model(copy.deepcopy(model), bits=4, group_size=32, progress=False)
+    expected = q(ids).logits  # after a forward, qweight is in the kernel layout; saving must undo that
+    save_quantized(q, tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"] == dict(quant_method="btlm_woq", bits=4, group_size=32,
+                                                 embedding_bits=8, format_version=1)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("transformer.h.0.mlp.c_fc.qweight").dtype == torch.uint8
+        assert f.get_tensor("transformer.wte.weight_int8").dtype == torch.int8
+    assert "transformer.h.0.mlp.c_fc.weight" not in keys and "lm_head.weight" not in keys
+
+    for loaded in (AutoModelForCausalLM.from_pretrained(tmp_path / "q"), load_quantized(tmp_path / "q")):
+        assert isinstance(loaded.transformer.h[0].mlp.c_fc, Int4Conv1D)
+        assert isinstance(loaded.lm_head, TiedInt8Head)
+        assert loaded.lm_head.embedding is loaded.transformer.wte
+        assert torch.equal(loaded(ids).logits, expected)
+        generated = loaded.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
+        assert generated.shape == (1, 9)
+
+
+def test_cli_quantize_and_errors(model, ids, tmp_path, capsys):
+    from btlm.inference import save_model
+
+    fp_dir = save_model(model, tmp_path / "fp")
+    assert cli.main(["--model", str(fp_dir), "--bits", "8", "--embedding", "keep", "--out", str(tmp_path / "q8")]) == 0
+    q8 = load_quantized(tmp_path / "q8")
+    assert isinstance(q8.transformer.h[0].attn.c_attn, Int8Conv1D)
+    assert isinstance(q8.transformer.wte, torch.nn.Embedding)
+    assert _kl(model(ids).logits.view(-1, 300), q8(ids).logits.view(-1, 300)) < 2e-4
+
+    def error(argv):
+        assert cli.main(argv) == 1
+        return capsys.readouterr().err
+
+    assert "bit width 3" in error(["--model", str(fp_dir), "--bits", "3", "--out", str(tmp_path / "x")])
+    assert "group size 100" in error(["--model", str(fp_dir), "--group-size", "100", "--out", str(tmp_path / "x")])
+    assert "does not exist" in error(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert "model_type 'gpt2'" in error(["--model", str(gpt2), "--out", str(tmp_path / "x")])
+    assert "already quantised" in error(["--model", str(tmp_path / "q8"), "--out", str(tmp_path / "x")])
+    with pytest.raises(QuantizationError, match="no btlm quantization_config"):
+        load_quantized(fp_dir)
+    assert not (tmp_path / "x").exists()
