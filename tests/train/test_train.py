@@ -1,0 +1,133 @@
+"""The training runner end to end on a tiny model: resume, fine-tune, stage switch, NaN stop, eval, CLI."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import yaml
+
+from btlm.run import main as run_main
+from btlm.train import checkpoint as ckpt
+from btlm.train.config import parse_params
+from btlm.train.metrics import LMEvalMetrics
+from btlm.train.trainer import Runner, TrainingError
+
+from .conftest import write_h5_dir
+
+
+def train(raw, model_dir, **rc):
+    raw = copy.deepcopy(raw)
+    raw["runconfig"].update(rc)
+    return Runner(parse_params(raw), raw, model_dir).train()
+
+
+def test_train_2n_equals_train_n_stop_resume_n(tiny_raw, tmp_path):
+    straight = train(tiny_raw, tmp_path / "a", max_steps=6, checkpoint_steps=0)
+    first = train(tiny_raw, tmp_path / "b", max_steps=3, checkpoint_steps=0)
+    second = train(tiny_raw, tmp_path / "b", max_steps=6, checkpoint_steps=0)  # same dir: auto-resume
+    assert sorted(first["losses"]) == [1, 2, 3] and sorted(second["losses"]) == [4, 5, 6]
+    resumed = {**first["losses"], **second["losses"]}
+    for step in range(1, 7):
+        assert resumed[step] == pytest.approx(straight["losses"][step], abs=1e-6)
+    assert straight["losses"][6] < straight["losses"][1]
+    a = ckpt.load_checkpoint_file(tmp_path / "a" / "checkpoint_6.mdl")["model"]
+    b = ckpt.load_checkpoint_file(tmp_path / "b" / "checkpoint_6.mdl")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_checkpoint_contents_retention_and_atomicity(tiny_raw, tmp_path):
+    train(tiny_raw, tmp_path, max_steps=6, checkpoint_steps=2, max_checkpoints=2)
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint") or p.name.startswith("."))
+    assert names == ["checkpoint_4.mdl", "checkpoint_6.mdl"]  # no temp files, old ones pruned
+    state = torch.load(tmp_path / "checkpoint_6.mdl", weights_only=True)  # no arbitrary unpickling
+    assert {"model", "optimizer", "lr_scheduler", "dataloader", "global_step", "rng", "__metadata__"} <= set(state)
+    assert state["global_step"] == 6 and state["lr_scheduler"]["last_epoch"] == 6
+    assert state["dataloader"] == {"samples_streamed": 24, "seed": 0}
+    assert state["__metadata__"][0]["params"]["model"]["hidden_size"] == 32
+    assert (tmp_path / "train" / "params_train.yaml").is_file() and (tmp_path / "train" / "run.log").is_file()
+    assert "Training completed successfully!" in (tmp_path / "train" / "run.log").read_text()
+    assert list((tmp_path / "train").glob("events.out.tfevents.*"))
+
+
+def test_finetune_from_weights_only_restarts_schedule(tiny_raw, tmp_path):
+    train(tiny_raw, tmp_path / "pre", max_steps=3)
+    res = train(tiny_raw, tmp_path / "ft", max_steps=2, checkpoint_path=str(tmp_path / "pre" / "checkpoint_3.mdl"),
+                load_checkpoint_states="model")
+    assert sorted(res["losses"]) == [1, 2]  # global_step not loaded -> starts at 0 with lr 0
+    state = ckpt.load_checkpoint_file(tmp_path / "ft" / "checkpoint_2.mdl")
+    assert state["lr_scheduler"]["last_epoch"] == 2
+    with pytest.raises(ckpt.CheckpointError, match="unknown state"):
+        train(tiny_raw, tmp_path / "x", checkpoint_path=str(tmp_path / "pre" / "checkpoint_3.mdl"),
+              load_checkpoint_states="model,weights")
+
+
+def test_stage_switch_continues_step_count_and_schedule(tiny_raw, tmp_path):
+    train(tiny_raw, tmp_path, max_steps=3, checkpoint_steps=0)
+    long = copy.deepcopy(tiny_raw)  # the "8k" stage: longer rows, other data, same schedule
+    long["train_input"]["data_dir"] = str(write_h5_dir(tmp_path / "long", 16, 32, seed=3))
+    long["model"]["max_position_embeddings"] = 32
+    long["model"]["loss_weight"] = 1 / 32
+    long["train_input"]["batch_size"] = 2
+    res = train(long, tmp_path, max_steps=5, checkpoint_steps=0)
+    assert sorted(res["losses"]) == [4, 5]
+    state = ckpt.load_checkpoint_file(tmp_path / "checkpoint_5.mdl")
+    assert state["lr_scheduler"]["last_epoch"] == 5
+    # the loader position was not carried over from the 2k data: 2 steps x batch 2 from the start
+    assert state["dataloader"]["samples_streamed"] == 4
+    sched = parse_params(long).optimizer.schedule()
+    assert state["optimizer"]["param_groups"][1]["lr"] == pytest.approx(sched(5))
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tiny_raw, tmp_path):
+    train(tiny_raw, tmp_path, max_steps=3)
+    before = (tmp_path / "checkpoint_3.mdl").read_bytes()
+    raw = copy.deepcopy(tiny_raw)
+    raw["optimizer"]["learning_rate"] = 1e30  # blows the weights up -> inf/NaN loss
+    raw["optimizer"].pop("max_gradient_norm")
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf).*checkpoint_3\.mdl"):
+        train(raw, tmp_path, max_steps=8, checkpoint_steps=0)
+    assert (tmp_path / "checkpoint_3.mdl").read_bytes() == before
+    assert ckpt.list_checkpoints(tmp_path) == [tmp_path / "checkpoint_3.mdl"]
+
+
+def test_eval_metrics_hand_checkable():
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.2, 0.2, 0.6]],
+                                     [[0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]]]))
+    labels = torch.tensor([[0, 0], [1, 2]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    m = LMEvalMetrics()
+    m.update(logits[:1], labels[:1], mask[:1], torch.tensor(2.0))
+    m.update(logits[1:], labels[1:], mask[1:], torch.tensor(4.0))
+    out = m.compute()
+    assert out["eval/accuracy"] == pytest.approx(2 / 3)  # argmax hits at (0,0) and (1,0); (0,1) misses
+    assert out["eval/lm_perplexity"] == pytest.approx(math.exp(-(math.log(0.5) + math.log(0.2) + math.log(0.8)) / 3))
+    assert out["loss"] == 3.0
+
+
+def test_cli_train_eval_eval_all_and_errors(tiny_raw, tmp_path, capsys):
+    params = tmp_path / "p.yaml"
+    tiny_raw["runconfig"].update(max_steps=4, checkpoint_steps=2)
+    params.write_text(yaml.safe_dump(tiny_raw))
+    md = str(tmp_path / "run")
+    assert run_main(["CPU", "--mode", "train", "--params", str(params), "--model_dir", md, "--max_steps", "2"]) == 0
+    assert run_main(["CPU", "--mode", "train_and_eval", "--params", str(params), "--model_dir", md]) == 0
+    assert [p.name for p in ckpt.list_checkpoints(md)] == ["checkpoint_2.mdl", "checkpoint_4.mdl"]
+    runner = Runner(parse_params(tiny_raw), tiny_raw, md)
+    results = runner.evaluate_all()
+    assert sorted(results) == [2, 4] and results[4]["global_step"] == 4
+    assert results[4]["loss"] < results[2]["loss"]
+    capsys.readouterr()
+    assert run_main(["CPU", "--mode", "eval", "--params", str(params), "--model_dir", md, "--eval_steps", "1"]) == 0
+    assert "Avg Eval Loss" in (tmp_path / "run" / "eval" / "run.log").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**tiny_raw, "model": {**tiny_raw["model"], "num_heads": "four"}}))
+    assert run_main(["CPU", "--mode", "train", "--params", str(bad), "--model_dir", md]) == 1
+    err = capsys.readouterr().err
+    assert "error: " in err and "model.num_heads" in err.split("error: ")[-1] and "Traceback" not in err
+    assert run_main(["CPU", "--mode", "eval", "--params", str(params), "--model_dir", md,
+                     "--checkpoint_path", str(tmp_path / "nope.mdl")]) == 1
+    assert "nope.mdl does not exist" in capsys.readouterr().err
