@@ -91,15 +91,51 @@ def _text_from_json(obj, key: str) -> Record:
     return Record(0, text=val)
 
 
+class _ZstdRaw(io.RawIOBase):
+    """Decompress a (multi-frame) zstd stream, raising at a truncated frame.
+
+    ``ZstdDecompressor.stream_reader`` silently ends at a truncated frame, which would let a damaged
+    download pass unnoticed; the decompressobj API tells whether the frame was complete.
+    """
+
+    def __init__(self, raw):
+        import zstandard
+
+        self._raw, self._zstd = raw, zstandard
+        # max_window_size: SlimPajama files are written with long windows
+        self._dobj = zstandard.ZstdDecompressor(max_window_size=2**31).decompressobj()
+        self._buf, self._in_frame = b"", False
+
+    def readable(self):
+        return True
+
+    def _feed(self, data: bytes) -> None:
+        while data:
+            self._in_frame = True
+            self._buf += self._dobj.decompress(data)
+            data = b""
+            if self._dobj.eof:  # frame complete: the rest starts the next frame
+                data, self._in_frame = self._dobj.unused_data, False
+                self._dobj = self._zstd.ZstdDecompressor(max_window_size=2**31).decompressobj()
+
+    def readinto(self, b) -> int:
+        while not self._buf:
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("zstd stream ends inside a frame (truncated file)")
+                return 0
+            self._feed(chunk)
+        n = min(len(b), len(self._buf))
+        b[:n], self._buf = self._buf[:n], self._buf[n:]
+        return n
+
+
 def _open_binary(path: str, raw) -> io.BufferedReader:
     """Wrap the raw file in the decompressor its suffix names."""
     fmt = input_format(path)
     if fmt.endswith(".zst"):
-        import zstandard
-
-        # max_window_size: SlimPajama files are written with long windows.
-        dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
-        return io.BufferedReader(dctx.stream_reader(raw, read_across_frames=True), buffer_size=1 << 20)
+        return io.BufferedReader(_ZstdRaw(raw), buffer_size=1 << 20)
     if fmt.endswith(".gz"):
         return io.BufferedReader(gzip.GzipFile(fileobj=raw), buffer_size=1 << 20)
     return io.BufferedReader(raw, buffer_size=1 << 20)

@@ -1,0 +1,187 @@
+"""LMData preparation: formats, packing, label shift, remainder, bad input, determinism, kill-and-resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import cfg, expected_stream, make_docs, prepare, read_rows, stream_of, write_jsonl
+
+from btlm.data import DataError
+from btlm.data.create_hdf5_dataset import main as lmdata_main
+from btlm.tokenizer import EOS_ID
+
+
+def test_round_trip_every_format_is_lossless(prepared, corpus):
+    out, params = prepared
+    rows = read_rows(out)
+    assert rows.shape[1:] == (3, 32)
+    # the packed stream is exactly the documents (all five formats, sorted file order) joined by EOS
+    assert stream_of(rows) == expected_stream(corpus[1])
+    pp = params["post-process"]
+    assert pp["documents"] == 160 and pp["files_read"] == 5 and pp["tokens_dropped"] == 0
+    assert pp["tokens"] == len(expected_stream(corpus[1]))
+    assert params["h5_dataset_stats"]["num_sequences"] == len(rows) == pp["n_examples"]
+    # a literal "<|endoftext|>" inside a document is text, not a forged boundary
+    assert params["h5_dataset_stats"]["eos_tokens"] == 159  # the 160th EOS is the last label
+
+
+def test_label_shift_and_mask(prepared):
+    rows = read_rows(prepared[0])
+    ids, mask, labels = rows[:, 0], rows[:, 1], rows[:, 2]
+    full = mask.all(axis=1)
+    assert full[:-1].all()  # every row but the stream's last one is full
+    np.testing.assert_array_equal(labels[:, :-1][mask[:, 1:] == 1], ids[:, 1:][mask[:, 1:] == 1])
+    # consecutive windows share one token: a row's last label is the next row's first input
+    np.testing.assert_array_equal(labels[:-1, -1], ids[1:, 0])
+
+
+def test_remainder_window_is_padded_and_counted(corpus, tmp_path):
+    rows = read_rows(prepare(corpus[0], tmp_path / "a") and tmp_path / "a")
+    last = rows[-1]
+    n = int(last[1].sum())
+    assert 0 < n < 32
+    assert (last[0][n:] == EOS_ID).all() and (last[2][n:] == EOS_ID).all()  # padded with pad = eos
+    # files_per_record counts rows; write_remainder False drops the last partial shard and says so
+    p = prepare(corpus[0], tmp_path / "b", write_remainder=False)
+    assert len(read_rows(tmp_path / "b")) == len(rows) // 20 * 20
+    assert p["post-process"]["rows_not_written_remainder"] == len(rows) % 20
+
+
+def test_process_count_does_not_change_output(corpus, prepared, tmp_path):
+    prepare(corpus[0], tmp_path, processes=2, batch_chars=1500)
+    np.testing.assert_array_equal(read_rows(tmp_path), read_rows(prepared[0]))
+    assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(prepared[0]))
+
+
+def test_short_seq_prob_keeps_every_token(corpus, tmp_path):
+    prepare(corpus[0], tmp_path, short_seq_prob=0.5, seed=3)
+    rows = read_rows(tmp_path)
+    assert (rows[:, 1].sum(axis=1) < 31).mean() > 0.3  # many rows were shortened ...
+    assert stream_of(rows) == expected_stream(corpus[1])  # ... yet no token was lost
+
+
+def test_no_packing_pads_each_document_and_counts_short_ones(tmp_path):
+    docs = ["one two", "alpha " * 50, "a b c d e f g h"]
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    (tmp_path / "list.txt").write_text(str(tmp_path / "in.jsonl") + "\n")
+    p = prepare(None, tmp_path / "o", metadata_files=str(tmp_path / "list.txt"), pack_sequences=False,
+                min_sequence_len=6)
+    rows = read_rows(tmp_path / "o")
+    # "one two" + EOS is 3 tokens < min_sequence_len: dropped and counted
+    assert p["post-process"]["discarded"] == {"short_document": 1}
+    assert p["post-process"]["tokens_dropped"] == 3
+    starts = [r[0][0] for r in rows]
+    assert starts[0] == 26591  # "alpha" starts the first row: documents are not packed together
+    assert rows[-1][0][0] == 64 and rows[-1][1].sum() == 8  # "a b c ..." alone, padded
+
+
+def test_bad_records_are_counted_with_location(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    with open(d / "a.jsonl", "wb") as f:
+        f.write(b'{"text": "good one"}\n{"text": broken\n{"other": "x"}\n{"text": "bad \xff utf8"}\n{"text": 5}\n'
+                b'"a bare string line"\n')
+    import zstandard
+
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in make_docs(3000, seed=5)).encode()
+    good = zstandard.ZstdCompressor().compress(lines)
+    (d / "b.jsonl.zst").write_bytes(good[: len(good) // 2])  # a truncated download
+    p = prepare(d, tmp_path / "o")
+    disc = p["post-process"]["discarded"]
+    assert disc == {"malformed_json": 1, "missing_key": 1, "invalid_utf8": 1, "bad_value": 1, "corrupt_file": 1}
+    probs = "\n".join(p["problems"])
+    assert f"{d / 'a.jsonl'}:line 2: malformed_json" in probs
+    assert f"{d / 'a.jsonl'}:line 3: missing_key" in probs
+    assert f"{d / 'a.jsonl'}:line 4: invalid_utf8" in probs
+    assert f"{d / 'b.jsonl.zst'}:line" in probs and "corrupt_file" in probs
+    # the good line, the bare string and the zst lines before the damage are kept
+    assert 2 + 100 < p["post-process"]["documents"] < 2 + 3000
+    with pytest.raises(DataError, match=r"a\.jsonl:line 2: malformed_json"):
+        prepare(d, tmp_path / "strict", strict=True)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    rc = lmdata_main(["LMData", "--input_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")])
+    assert rc == 2 and capsys.readouterr().err.startswith("error: input_dir")
+    (tmp_path / "p.yaml").write_text("processing:\n  max_seq_lenght: 128\n")
+    rc = lmdata_main(["LMData", "--params", str(tmp_path / "p.yaml")])
+    assert rc == 2 and "unknown key processing.max_seq_lenght" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        lmdata_main(["LMData", "--max_seq_length", "abc"])
+
+
+def test_yaml_params_and_cli_override(corpus, tmp_path):
+    y = tmp_path / "p.yaml"
+    y.write_text(f"setup:\n  input_dir: {corpus[0]}\n  output_dir: {tmp_path / 'o'}\n  processes: 1\n"
+                 "processing:\n  tokenizer_type: GPT2Tokenizer\n  max_seq_length: 64\n  files_per_record: 1000\n"
+                 "  write_in_batch: True\ndataset:\n  use_ftfy: False\n  input_ids_dtype: int32\n")
+    assert lmdata_main(["LMData", "--params", str(y), "--max_seq_length", "48"]) == 0
+    params = json.loads((tmp_path / "o" / "data_params.json").read_text())
+    assert params["processing"]["max_seq_length"] == 48 and params["processing"]["files_per_record"] == 1000
+    assert read_rows(tmp_path / "o").shape[1:] == (3, 48)
+    # a second run into a non-empty directory refuses instead of mixing shards
+    assert lmdata_main(["LMData", "--params", str(y)]) == 2
+
+
+def test_ftfy_is_off_by_default_and_fixes_mojibake(tmp_path):
+    # the spec marks use_ftfy's default as uncertain (code True, README False): we follow the README
+    write_jsonl(tmp_path / "m.jsonl", ["cafÃ© latte"])
+    (tmp_path / "l.txt").write_text(str(tmp_path / "m.jsonl"))
+    raw = prepare(None, tmp_path / "a", metadata_files=str(tmp_path / "l.txt"))
+    assert raw["dataset"]["use_ftfy"] is False
+    assert stream_of(read_rows(tmp_path / "a")) == expected_stream(["cafÃ© latte"])
+    prepare(None, tmp_path / "b", metadata_files=str(tmp_path / "l.txt"), use_ftfy=True)
+    assert stream_of(read_rows(tmp_path / "b")) == expected_stream(["café latte"])
+
+
+def test_split_text_to_tokenize_gives_the_same_ids(corpus, prepared, tmp_path):
+    prepare(corpus[0], tmp_path, split_text_to_tokenize=True, chunk_len_to_split=50)
+    np.testing.assert_array_equal(read_rows(tmp_path), read_rows(prepared[0]))
+
+
+def test_huggingface_tokenizer_matches_gpt2(corpus, prepared, tmp_path):
+    from btlm.tokenizer import save_tokenizer
+
+    save_tokenizer(tmp_path / "tok")
+    prepare(corpus[0], tmp_path / "o", tokenizer_type="HuggingFaceTokenizer", huggingface_tokenizer=str(tmp_path / "tok"))
+    np.testing.assert_array_equal(read_rows(tmp_path / "o"), read_rows(prepared[0]))
+
+
+def test_kill_and_resume_gives_identical_shards(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(6):
+        write_jsonl(d / f"part{i}.jsonl", make_docs(700, seed=10 + i, max_words=300))
+    common = dict(max_seq_length=64, files_per_record=64, compression="none")
+    prepare(d, tmp_path / "ref", batch_chars=20000, **common)
+    out = tmp_path / "killed"
+    code = ("import sys; sys.path.insert(0, %r); from conftest import prepare; "
+            "prepare(%r, %r, batch_chars=20000, processes=2, **%r)") % (os.path.dirname(__file__), str(d), str(out), common)
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / "checkpoint.json").exists() and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoint.json").exists()
+    ckpt = json.loads((out / "checkpoint.json").read_text())
+    assert not ckpt["complete"], "the run finished before it could be killed; make the corpus larger"
+    # a half-written shard never carries a finished name
+    (out / ".examples_00099.h5.tmp123").write_bytes(b"partial")
+    assert not (out / "data_params.json").exists()
+    with pytest.raises(DataError, match="already holds"):
+        prepare(d, out, batch_chars=20000, **common)
+    with pytest.raises(DataError, match="different settings"):
+        prepare(d, out, batch_chars=20000, resume_from_checkpoint=True, **{**common, "max_seq_length": 32})
+    p = prepare(d, out, batch_chars=20000, resume_from_checkpoint=True, **common)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "ref"))
+    np.testing.assert_array_equal(read_rows(out), read_rows(tmp_path / "ref"))
+    ref = json.loads((tmp_path / "ref" / "data_params.json").read_text())
+    for k in ("documents", "tokens", "n_examples", "records_read"):
+        assert p["post-process"][k] == ref["post-process"][k]
+    assert p["h5_dataset_stats"] == ref["h5_dataset_stats"]
