@@ -1,0 +1,70 @@
+"""Two gloo processes (DDP and FSDP2) match one process with the same global batch; FSDP2 resumes from
+its sharded torch.distributed.checkpoint directory, which `btlm convert` reads back."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from btlm.train import distributed as D
+from btlm.train.config import parse_params
+from btlm.train.convert import read_training_checkpoint
+from btlm.train.trainer import Runner
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(raw, model_dir, env, **rc):
+    raw = copy.deepcopy(raw)
+    raw["runconfig"].update(rc)
+    return Runner(parse_params(raw), raw, model_dir, "CPU", env).train()["losses"]
+
+
+def _worker(rank: int, world: int, port: int, raw: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    losses = {}
+    for strategy in ("ddp", "fsdp"):
+        env = D.init_distributed("CPU", "gloo", "env://", strategy)
+        model_dir = os.path.join(out, strategy)
+        losses[strategy] = _run(raw, model_dir, env, max_steps=2, distributed_strategy=strategy)
+        losses[strategy].update(_run(raw, model_dir, env, max_steps=4, distributed_strategy=strategy))  # resume
+    torch.distributed.destroy_process_group()
+    if rank == 0:
+        with open(os.path.join(out, "losses.json"), "w") as f:
+            json.dump(losses, f)
+
+
+def test_two_process_ddp_and_fsdp_match_one_process(tiny_raw, tmp_path):
+    single = copy.deepcopy(tiny_raw)
+    single["runconfig"]["checkpoint_steps"] = 2
+    ref = _run(single, tmp_path / "single", D.DistEnv(), max_steps=4)
+
+    per_rank = copy.deepcopy(single)
+    per_rank["train_input"]["batch_size"] = 2  # x 2 ranks = the same global batch of 4
+    mp.start_processes(_worker, args=(2, _free_port(), per_rank, str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    got = json.loads((tmp_path / "losses.json").read_text())
+    for strategy in ("ddp", "fsdp"):
+        for step in range(1, 5):
+            assert got[strategy][str(step)] == pytest.approx(ref[step], abs=2e-5), (strategy, step)
+
+    sharded = tmp_path / "fsdp" / "checkpoint_4.dcp"
+    assert sharded.is_dir() and (sharded / ".metadata").is_file()
+    assert not list((tmp_path / "fsdp").glob(".*.tmp"))
+    full = read_training_checkpoint(sharded)
+    plain = read_training_checkpoint(tmp_path / "single" / "checkpoint_4.mdl")
+    assert full["global_step"] == 4 and full["dataloader"] == plain["dataloader"] == {"samples_streamed": 16, "seed": 0}
+    for k, v in plain["model"].items():
+        torch.testing.assert_close(full["model"][k], v, rtol=1e-4, atol=2e-5)
