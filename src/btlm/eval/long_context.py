@@ -1,0 +1,257 @@
+"""``btlm eval-long``: average loss at every token position up to 32k tokens, with and without ALiBi
+position interpolation (the BTLM model card's Figure 5).
+
+Windows of ``--context`` tokens are cut from a token stream (HDF5 shards from ``btlm data``: the
+``input_ids`` rows concatenated in file order, padding dropped; or ``.txt`` / ``.jsonl`` documents
+tokenized and joined with ``<|endoftext|>``). Every window is run once per scaling setting through the
+memory-bounded (query-chunked SDPA) attention path, and the per-token cross-entropy is computed from the
+final hidden states in position chunks, so a 32k-token window never materialises a ``[T, vocab]``
+fp32 logits tensor. Position ``p`` (1 … context-1) is the loss of predicting token ``p`` from tokens
+``0 … p-1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from btlm.eval.common import (
+    EvalError, ScalingSetting, apply_scaling, load_for_context, parse_scaling, save_figure_atomic, write_atomic,
+)
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst")
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def _data_files(path: str) -> list[Path]:
+    """The input files named by ``path``: one file, or the ``.h5`` / text files of a directory (sorted)."""
+    p = Path(path)
+    if not p.exists():
+        raise EvalError(f"--data {path} does not exist")
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+    usable = [f for f in files if f.suffix == ".h5" or f.name.lower().endswith(TEXT_SUFFIXES)]
+    if not usable:
+        raise EvalError(f"--data {path}: no .h5 shards or .txt/.jsonl files found")
+    return usable
+
+
+def _h5_tokens(path: Path):
+    """Yield the real tokens (``attention_mask == 1``) of each row of a ``btlm data`` shard, in order."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "data" not in f:
+                raise EvalError(f"{path}: no dataset 'data' (expected a btlm data shard with [n, 3, msl] rows)")
+            data = f["data"]
+            if data.ndim != 3 or data.shape[1] != 3:
+                raise EvalError(f"{path}: dataset 'data' has shape {data.shape}, expected [n, 3, msl]")
+            for start in range(0, data.shape[0], 256):
+                block = data[start:start + 256]
+                for ids, mask in zip(block[:, 0], block[:, 1]):
+                    yield ids[mask.astype(bool)].astype(np.int64)
+    except OSError as err:
+        raise EvalError(f"{path}: cannot read as HDF5 ({err})") from None
+
+
+def _text_tokens(path: Path, tokenizer):
+    """Yield the tokens of each document of a ``.txt`` (one document) or ``.jsonl`` (``text`` key) file,
+    each followed by ``<|endoftext|>`` as in training data."""
+    from btlm.data.readers import iter_records, where
+
+    for rec in iter_records(str(path)):
+        if rec.text is None:
+            raise EvalError(f"{where(str(path), rec)}: {rec.problem} {rec.detail}".strip())
+        yield np.asarray(tokenizer.encode(rec.text) + [tokenizer.eos_token_id], dtype=np.int64)
+
+
+def load_windows(data: str, context: int, num_docs: int | None = None, tokenizer=None) -> torch.Tensor:
+    """Cut ``[n, context]`` windows (``n <= num_docs``) from the token stream of ``data``.
+
+    Raises :class:`EvalError` when the data holds fewer than ``context`` tokens.
+    """
+    if context < 2:
+        raise EvalError(f"--context must be at least 2, got {context}")
+    windows, buf, have = [], [], 0
+    for path in _data_files(data):
+        if path.suffix == ".h5":
+            pieces = _h5_tokens(path)
+        else:
+            if tokenizer is None:
+                from btlm.tokenizer import load_tokenizer
+
+                tokenizer = load_tokenizer()
+            pieces = _text_tokens(path, tokenizer)
+        for piece in pieces:
+            buf.append(piece)
+            have += len(piece)
+            while have >= context:
+                stream = np.concatenate(buf)
+                windows.append(stream[:context])
+                buf, have = [stream[context:]], len(stream) - context
+                if num_docs is not None and len(windows) >= num_docs:
+                    return torch.from_numpy(np.stack(windows))
+    if not windows:
+        raise EvalError(f"--data {data} holds {have} tokens, fewer than one window of --context {context}")
+    return torch.from_numpy(np.stack(windows))
+
+
+# ------------------------------------------------------------------------------------------ loss
+
+
+@torch.no_grad()
+def per_token_loss(model, input_ids: torch.Tensor, logits_chunk: int = 1024) -> torch.Tensor:
+    """Next-token cross-entropy at every position of ``input_ids`` ``[B, T]`` → fp32 ``[B, T-1]``.
+
+    Entry ``[:, p-1]`` is the loss of predicting token ``p``. One forward pass through the transformer
+    (memory-bounded attention), then logits only for ``logits_chunk`` positions at a time.
+    """
+    hidden = model.transformer(input_ids, use_cache=False).last_hidden_state
+    losses = []
+    for c0 in range(0, input_ids.shape[1] - 1, logits_chunk):
+        c1 = min(input_ids.shape[1] - 1, c0 + logits_chunk)
+        logits = model.logits_from_hidden(hidden[:, c0:c1]).float()
+        target = input_ids[:, c0 + 1:c1 + 1]
+        losses.append(F.cross_entropy(logits.transpose(1, 2), target, reduction="none"))
+    return torch.cat(losses, dim=1)
+
+
+def position_curves(model, windows: torch.Tensor, settings: list[ScalingSetting], logits_chunk: int = 1024,
+                    progress: bool = True) -> dict[str, np.ndarray]:
+    """Mean loss at every position over ``windows`` for each setting → ``{label: float64 [T-1]}``."""
+    device = next(model.parameters()).device
+    sums = {s.label: np.zeros(windows.shape[1] - 1, dtype=np.float64) for s in settings}
+    bar = tqdm(total=len(settings) * len(windows), desc="eval-long", unit="window", disable=not progress)
+    for setting in settings:
+        apply_scaling(model, setting)
+        for window in windows:
+            sums[setting.label] += per_token_loss(model, window[None].to(device), logits_chunk)[0].double().cpu().numpy()
+            bar.update(1)
+    bar.close()
+    return {label: total / len(windows) for label, total in sums.items()}
+
+
+def smooth_log(values: np.ndarray, width: float = 0.05) -> np.ndarray:
+    """Moving average whose window grows with position (``[p·(1-w), p·(1+w)]``), so the curve is equally
+    smooth everywhere on a log-scaled position axis. Position ``p`` is index + 1."""
+    pos = np.arange(1, len(values) + 1)
+    lo = np.clip(np.floor(pos * (1 - width)).astype(int) - 1, 0, len(values) - 1)
+    hi = np.clip(np.ceil(pos * (1 + width)).astype(int), 1, len(values))
+    csum = np.concatenate([[0.0], np.cumsum(values)])
+    return (csum[hi] - csum[lo]) / (hi - lo)
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+
+def write_results(out: Path, curves: dict[str, np.ndarray], meta: dict) -> None:
+    """Write ``loss_by_position.csv`` (one column per setting), ``loss_by_position.json`` and the PNG."""
+    labels = list(curves)
+    n = len(next(iter(curves.values())))
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["position", *labels])
+    for i in range(n):
+        writer.writerow([i + 1, *(f"{curves[label][i]:.6f}" for label in labels)])
+    write_atomic(out / "loss_by_position.csv", buf.getvalue())
+    summary = {
+        **meta,
+        "settings": [
+            {"label": label, "mean_loss": float(curves[label].mean()), "loss_by_position": curves[label].round(6).tolist()}
+            for label in labels
+        ],
+    }
+    write_atomic(out / "loss_by_position.json", json.dumps(summary, indent=1))
+    plot_curves(out / "loss_by_position.png", curves, meta)
+
+
+def plot_curves(path: Path, curves: dict[str, np.ndarray], meta: dict) -> None:
+    """Loss vs token position on a log axis: raw mean as a faint band, smoothed curve on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (label, values) in enumerate(curves.items()):
+        pos = np.arange(1, len(values) + 1)
+        color = f"C{i}"
+        ax.plot(pos, values, color=color, alpha=0.2, linewidth=0.6)
+        ax.plot(pos, smooth_log(values), color=color, linewidth=1.8, label=f"{label} (mean {values.mean():.3f})")
+    if meta.get("trained_n_positions"):
+        ax.axvline(meta["trained_n_positions"], color="gray", linestyle="--", linewidth=1, label="training length")
+    ax.set_xscale("log")
+    ax.set_xlabel("token position")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(f"{Path(meta['model']).name}: loss by position, {meta['num_windows']} window(s) of {meta['context']} tokens")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    save_figure_atomic(fig, path)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="btlm eval-long", description=(
+        "Average loss at every token position over windows of --context tokens, for each ALiBi scaling "
+        "setting, written as loss_by_position.csv / .json / .png in --out (the model card's Figure 5). "
+        "n_positions is raised to --context automatically."))
+    p.add_argument("--model", required=True, help="model directory (released HF layout)")
+    p.add_argument("--data", required=True, help="btlm data .h5 shard or directory of shards, or .txt / .jsonl file(s)")
+    p.add_argument("--context", type=int, default=32768, help="window length in tokens (default 32768)")
+    p.add_argument("--alibi-scaling", nargs="+", default=["none"], metavar="SETTING",
+                   help="one or more of: none | fixed:F (divide slopes by F) | dynamic:L (divide by K/L past L "
+                        "tokens, L = training length, e.g. dynamic:8192). Default: none")
+    p.add_argument("--num-docs", type=int, default=8, help="number of windows to average over (default 8)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32)")
+    p.add_argument("--device", default=None, help="cpu, cuda, … (default: cuda if available)")
+    p.add_argument("--logits-chunk", type=int, default=1024, help="positions per logits chunk (memory bound)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from btlm.inference import ModelLoadError
+
+    try:
+        if args.num_docs < 1:
+            raise EvalError(f"--num-docs must be at least 1, got {args.num_docs}")
+        settings = [parse_scaling(s) for s in args.alibi_scaling]
+        if len({s.label for s in settings}) != len(settings):
+            raise EvalError(f"--alibi-scaling lists a setting twice: {args.alibi_scaling}")
+        windows = load_windows(args.data, args.context, args.num_docs)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, trained = load_for_context(args.model, args.context, dtype=args.dtype, device=device)
+        if int(windows.max()) >= model.config.vocab_size:
+            raise EvalError(f"--data {args.data} has token id {int(windows.max())} >= the model's vocab_size "
+                            f"{model.config.vocab_size}")
+        curves = position_curves(model, windows, settings, args.logits_chunk)
+        meta = {"model": str(args.model), "data": str(args.data), "context": args.context,
+                "num_windows": len(windows), "trained_n_positions": trained}
+        out = Path(args.out)
+        write_results(out, curves, meta)
+        for label, values in curves.items():
+            print(f"{label:>16}: mean loss {values.mean():.4f}")
+        print(f"wrote {out / 'loss_by_position.csv'}, .json and .png")
+        return 0
+    except (EvalError, ModelLoadError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
