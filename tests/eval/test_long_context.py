@@ -1,0 +1,166 @@
+"""btlm eval-long: per-position loss curves agree with direct loss computations; scaling math; data input; CLI."""
+
+import json
+import resource
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from btlm.eval.common import EvalError, ScalingSetting, parse_scaling
+from btlm.eval.long_context import load_windows, per_token_loss, position_curves, smooth_log
+from tests.conftest import make_model
+
+torch.set_num_threads(1)
+V = 97
+
+
+def _windows(n=3, t=96, seed=0):
+    return torch.randint(0, V, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _direct_curve(model, windows):
+    """Per-position mean loss from full logits of an ordinary forward (no chunking)."""
+    with torch.no_grad():
+        logits = model(windows).logits[:, :-1].float()
+    return F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none").double().mean(0).numpy()
+
+
+def test_curve_length_and_equality_with_direct_loss():
+    model = make_model("eager")
+    windows = _windows()
+    curves = position_curves(model, windows, [parse_scaling("none")], logits_chunk=7, progress=False)
+    curve = curves["none"]
+    assert curve.shape == (windows.shape[1] - 1,)
+    np.testing.assert_allclose(curve, _direct_curve(model, windows), rtol=1e-5, atol=1e-5)
+    # The mean over positions is exactly the model's own shifted LM loss.
+    with torch.no_grad():
+        loss = model(windows, labels=windows).loss.item()
+    assert curve.mean() == pytest.approx(loss, rel=1e-5)
+
+
+def test_chunked_sdpa_path_matches_eager_per_token():
+    model = make_model("sdpa", attn_chunk_size=16)
+    ids = _windows(1, 200)
+    with torch.no_grad():
+        chunked = per_token_loss(model, ids, logits_chunk=33)[0].numpy()
+    np.testing.assert_allclose(chunked, _direct_curve(make_model("eager"), ids), rtol=1e-4, atol=1e-4)
+
+
+def test_fixed_factor_equals_model_configured_with_that_factor():
+    windows = _windows()
+    model = make_model("eager")
+    curves = position_curves(model, windows, [parse_scaling("none"), parse_scaling("fixed:4")], progress=False)
+    reference = make_model("eager", alibi_scaling={"type": "linear", "factor": 4.0})
+    np.testing.assert_allclose(curves["fixed:4"], _direct_curve(reference, windows), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(curves["fixed:4"], curves["none"])  # the slopes really changed
+
+
+def test_dynamic_scaling_math():
+    windows = _windows(2, 128)
+    model = make_model("eager")
+    settings = [parse_scaling(s) for s in ("none", "fixed:1", "dynamic:128", "dynamic:512", "dynamic:32", "fixed:4")]
+    curves = position_curves(model, windows, settings, progress=False)
+    # Dynamic with a training length >= the window divides by 1: identical to none (and so is fixed:1).
+    np.testing.assert_array_equal(curves["dynamic:128"], curves["none"])
+    np.testing.assert_array_equal(curves["dynamic:512"], curves["none"])
+    np.testing.assert_array_equal(curves["fixed:1"], curves["none"])
+    # Past it, the divisor is K / L = 128 / 32 = 4 for the whole window: the same as fixed:4.
+    np.testing.assert_allclose(curves["dynamic:32"], curves["fixed:4"], rtol=1e-6)
+    assert not np.allclose(curves["dynamic:32"], curves["none"])
+
+
+def test_parse_scaling():
+    assert parse_scaling("none") == ScalingSetting("none", None)
+    assert parse_scaling("fixed:2.5").alibi_scaling == {"type": "linear", "factor": 2.5}
+    assert parse_scaling("dynamic:8k").alibi_scaling == {"type": "linear", "train_seq_len": 8192}
+    for bad in ("fixed:0.5", "fixed:x", "dynamic:1", "cubic:2", "dynamic:"):
+        with pytest.raises(EvalError, match="scaling|length"):
+            parse_scaling(bad)
+
+
+def _write_shard(path, tokens, msl=64, pad_tail=0):
+    """A btlm-data style shard: rows [input_ids, attention_mask, labels], the last row padded by pad_tail."""
+    rows = tokens.reshape(-1, msl)
+    mask = np.ones_like(rows)
+    if pad_tail:
+        rows[-1, -pad_tail:] = 0
+        mask[-1, -pad_tail:] = 0
+    with h5py.File(path, "w") as f:
+        f.create_dataset("data", data=np.stack([rows, mask, rows], axis=1).astype(np.int32))
+
+
+def test_load_windows_from_h5_shards_in_order(tmp_path):
+    tokens = np.arange(64 * 6) % V
+    _write_shard(tmp_path / "examples_00000.h5", tokens[:256].copy())
+    _write_shard(tmp_path / "examples_00001.h5", tokens[256:].copy(), pad_tail=10)
+    windows = load_windows(str(tmp_path), context=100)
+    assert windows.shape == (3, 100)  # 384 - 10 padding = 374 real tokens
+    np.testing.assert_array_equal(windows.flatten().numpy(), tokens[:300])
+    assert load_windows(str(tmp_path), context=100, num_docs=2).shape == (2, 100)
+    with pytest.raises(EvalError, match="fewer than one window"):
+        load_windows(str(tmp_path / "examples_00000.h5"), context=1000)
+
+
+def test_load_windows_from_jsonl_and_errors(tmp_path, tokenizer):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"document number {i} says hello."}) for i in range(20)))
+    stream = []
+    for i in range(20):
+        stream += tokenizer.encode(f"document number {i} says hello.") + [tokenizer.eos_token_id]
+    windows = load_windows(str(path), context=16, tokenizer=tokenizer)
+    np.testing.assert_array_equal(windows.flatten().numpy(), stream[: windows.numel()])
+    assert windows.shape[0] == len(stream) // 16
+    with pytest.raises(EvalError, match="does not exist"):
+        load_windows(str(tmp_path / "missing.h5"), 16)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(EvalError, match="bad.jsonl"):
+        load_windows(str(bad), 1000, tokenizer=tokenizer)
+
+
+def test_smooth_log_keeps_constants_and_length():
+    values = np.full(1000, 3.0)
+    assert np.allclose(smooth_log(values), 3.0) and len(smooth_log(values)) == 1000
+
+
+def test_cli_16k_tokens_bounded_memory(tmp_path):
+    """A 16k-token evaluation of a tiny 1-layer model through the CLI, in a child whose peak RSS we check:
+    full [H, T, T] fp32 scores alone would need 4 GiB."""
+    from btlm.inference import save_model
+    from btlm.model import BTLMLMHeadModel, config_from_preset
+
+    torch.manual_seed(0)
+    save_model(BTLMLMHeadModel(config_from_preset("tiny", n_layer=1, vocab_size=V, n_positions=512)), tmp_path / "m")
+    context = 16384
+    _write_shard(tmp_path / "shard.h5", np.random.default_rng(0).integers(0, V, 64 * 257), pad_tail=0)
+    out = tmp_path / "out"
+    code = ("import sys, torch; torch.set_num_threads(1); from btlm.eval.long_context import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "--model", str(tmp_path / "m"), "--data", str(tmp_path / "shard.h5"),
+         "--context", str(context), "--num-docs", "1", "--alibi-scaling", "dynamic:512", "--out", str(out)],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    assert peak_gib < 2.0, f"peak RSS {peak_gib:.2f} GiB"
+    lines = (out / "loss_by_position.csv").read_text().splitlines()
+    assert lines[0] == "position,dynamic:512" and len(lines) == context  # header + 16383 positions
+    summary = json.loads((out / "loss_by_position.json").read_text())
+    assert summary["trained_n_positions"] == 512 and len(summary["settings"][0]["loss_by_position"]) == context - 1
+    assert (out / "loss_by_position.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_bad_input_is_one_error_line(tmp_path, capsys):
+    from btlm.eval.long_context import main
+
+    assert main(["--model", str(tmp_path), "--data", str(tmp_path / "nope.h5"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "nope.h5" in err
+    assert main(["--model", str(tmp_path), "--data", str(tmp_path), "--alibi-scaling", "fixed:0.5",
+                 "--out", str(tmp_path / "o")]) == 1
+    assert "fixed:0.5" in capsys.readouterr().err
