@@ -323,7 +323,11 @@ class BTLMAttention(nn.Module):
             bias = ctx["alibi"](q_start, q_len, k_len, ctx["divisor"], dtype)  # [H, q, k]
         else:
             bias = torch.zeros((), dtype=dtype, device=device)
-        return torch.where(allowed, bias, torch.finfo(dtype).min)
+        bias = torch.where(allowed, bias, torch.finfo(dtype).min)
+        # A 4-D mask keeps SDPA on its fused CPU kernel; a 3-D one falls back to the ~3x slower math path.
+        while bias.dim() < 4:
+            bias = bias.unsqueeze(0)
+        return bias
 
 
 # --------------------------------------------------------------------------------------------------
