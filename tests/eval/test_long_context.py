@@ -2,8 +2,7 @@
 
 import json
 import resource
-import subprocess
-import sys
+import threading
 
 import h5py
 import numpy as np
@@ -128,9 +127,14 @@ def test_smooth_log_keeps_constants_and_length():
     assert np.allclose(smooth_log(values), 3.0) and len(smooth_log(values)) == 1000
 
 
+def _current_rss_gib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
+
+
 def test_cli_16k_tokens_bounded_memory(tmp_path):
-    """A 16k-token evaluation of a tiny 1-layer model through the CLI, in a child whose peak RSS we check:
-    full [H, T, T] fp32 scores alone would need 4 GiB."""
+    """A 16k-token evaluation of a tiny 1-layer model through the CLI within bounded memory: full
+    [H, T, T] fp32 attention scores alone would need 4 GiB."""
     from btlm.inference import save_model
     from btlm.model import BTLMLMHeadModel, config_from_preset
 
@@ -139,15 +143,23 @@ def test_cli_16k_tokens_bounded_memory(tmp_path):
     context = 16384
     _write_shard(tmp_path / "shard.h5", np.random.default_rng(0).integers(0, V, 64 * 257), pad_tail=0)
     out = tmp_path / "out"
-    code = ("import sys, torch; torch.set_num_threads(1); from btlm.eval.long_context import main; "
-            "sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.run(
-        [sys.executable, "-c", code, "--model", str(tmp_path / "m"), "--data", str(tmp_path / "shard.h5"),
-         "--context", str(context), "--num-docs", "1", "--alibi-scaling", "dynamic:512", "--out", str(out)],
-        capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    assert peak_gib < 2.0, f"peak RSS {peak_gib:.2f} GiB"
+    from btlm.eval.long_context import main
+
+    rss_before, peak, done = _current_rss_gib(), [0.0], threading.Event()
+
+    def sample():  # the process-wide ru_maxrss may come from earlier tests, so sample RSS ourselves
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], _current_rss_gib())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        assert main(["--model", str(tmp_path / "m"), "--data", str(tmp_path / "shard.h5"), "--context", str(context),
+                     "--num-docs", "1", "--alibi-scaling", "dynamic:512", "--out", str(out)]) == 0
+    finally:
+        done.set()
+        sampler.join()
+    assert peak[0] - rss_before < 1.5, f"evaluation grew RSS by {peak[0] - rss_before:.2f} GiB"
     lines = (out / "loss_by_position.csv").read_text().splitlines()
     assert lines[0] == "position,dynamic:512" and len(lines) == context  # header + 16383 positions
     summary = json.loads((out / "loss_by_position.json").read_text())
