@@ -270,7 +270,7 @@ def shard_name(cfg: dict, idx: int) -> str:
 
 
 def _atomic_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
@@ -307,7 +307,7 @@ def _prepare_output(cfg: dict, fingerprint: dict) -> dict | None:
                         "resume needs the same inputs and settings")
     keep = {shard_name(cfg, i) for i in range(ckpt["shards_written"])}
     for f in os.listdir(out):  # shards after the checkpoint and half-written temporaries are redone
-        if (f.endswith(".h5") and f not in keep) or (f.startswith(".") and ".h5.tmp" in f):
+        if (f.endswith(".h5") and f not in keep) or (f.startswith(".") and ".tmp" in f):
             os.remove(os.path.join(out, f))
     missing = sorted(keep - set(os.listdir(out)))
     if missing:
