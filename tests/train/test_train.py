@@ -131,3 +131,29 @@ def test_cli_train_eval_eval_all_and_errors(tiny_raw, tmp_path, capsys):
     assert run_main(["CPU", "--mode", "eval", "--params", str(params), "--model_dir", md,
                      "--checkpoint_path", str(tmp_path / "nope.mdl")]) == 1
     assert "nope.mdl does not exist" in capsys.readouterr().err
+
+
+def test_grad_accumulation_and_activation_checkpointing_give_the_same_steps(tiny_raw, tmp_path):
+    ref = train(tiny_raw, tmp_path / "ref", max_steps=3, checkpoint_steps=0)
+    accum = copy.deepcopy(tiny_raw)
+    accum["train_input"]["batch_size"] = 2
+    accum["optimizer"]["grad_accum_steps"] = 2  # 2 x 2 = the same 4 samples per update
+    got = train(accum, tmp_path / "accum", max_steps=3, checkpoint_steps=0, activation_checkpointing=True)
+    for step in (1, 2, 3):
+        assert got["losses"][step] == pytest.approx(ref["losses"][step], abs=1e-6)
+
+
+def test_tensorboard_scalars(tiny_raw, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    raw = copy.deepcopy(tiny_raw)
+    raw["optimizer"]["log_summaries"] = True
+    res = train(raw, tmp_path, max_steps=2, checkpoint_steps=0)
+    acc = EventAccumulator(str(tmp_path / "train"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss", "lr/0", "lr/decoder_kernel", "lr/embedding", "lr/no_decay", "avg_samples_per_sec",
+            "tokens_per_sec", "mfu", "grad_norm/model_wise_grad_norm", "params_norm/model_wise_params_norm"} <= tags
+    assert [e.value for e in acc.Scalars("loss")] == pytest.approx([res["losses"][1], res["losses"][2]])
+    assert [e.value for e in acc.Scalars("lr/embedding")] == pytest.approx([0.0, 0.005])
+    assert [e.value for e in acc.Scalars("lr/decoder_kernel")] == pytest.approx([0.0, 0.001])

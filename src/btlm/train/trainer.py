@@ -162,7 +162,7 @@ class Runner:
         model.config._attn_implementation = self.rc.attn_implementation
         model.to(self.env.device)
         if self.rc.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model = D.wrap_model(model, self.env)
         if self.rc.compile:
             model.compile()
