@@ -82,11 +82,11 @@ def plot_losses(losses: dict[int, float], eval_loss: float, step: int, path: Pat
 
     steps, values = zip(*sorted(losses.items()))
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, values, lw=0.8, alpha=0.45, label="train loss (per step)")
-    k = 10
+    ax.plot(steps, values, lw=0.8, alpha=0.45, label="train loss (every log_steps)")
+    k = 5
     if len(values) > k:
         smooth = [sum(values[i - k:i]) / k for i in range(k, len(values) + 1)]
-        ax.plot(steps[k - 1:], smooth, lw=2, label=f"train loss ({k}-step mean)")
+        ax.plot(steps[k - 1:], smooth, lw=2, label=f"train loss (mean of {k} logged points)")
     ax.scatter([step], [eval_loss], color="red", zorder=3, label=f"validation loss {eval_loss:.3f}")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / token)")
@@ -146,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     results = runner.evaluate()
     losses = _train_losses(model_dir)
     plot_losses(losses, results["loss"], results["global_step"], root / "loss_curve.png")
-    first = sum(list(losses.values())[:10]) / min(10, len(losses))
-    last = sum(list(losses.values())[-10:]) / min(10, len(losses))
-    print(f"    train loss {first:.3f} (first 10 steps) -> {last:.3f} (last 10); validation loss "
+    values = [losses[k] for k in sorted(losses)]
+    first, last = values[0], sum(values[-5:]) / len(values[-5:])
+    print(f"    train loss {first:.3f} (step {min(losses)}) -> {last:.3f} (mean of the last 5 logged); validation loss "
           f"{results['loss']:.3f}, perplexity {results['eval/lm_perplexity']:.1f}, "
           f"accuracy {results['eval/accuracy']:.3f}")
     print(f"    loss curve: {root / 'loss_curve.png'}")
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                          pad_token_id=tok.eos_token_id)
     print(f"    {hf_dir}: {sum(q.numel() for q in model.parameters()) / 1e6:.1f} M parameters")
     print(f"    prompt: {prompt!r}\n    sample: {tok.decode(out[0], skip_special_tokens=True)!r}")
-    summary = {"train_loss_first10": first, "train_loss_last10": last, **results,
+    summary = {"train_loss_first": first, "train_loss_last": last, **results,
                "seconds": time.perf_counter() - t0}
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\ndone in {summary['seconds']:.0f} s; outputs in {root}")

@@ -342,6 +342,7 @@ class Runner:
                     "runconfig.peak_flops" if rc.peak_flops else "measured matmul roofline")
         model.train()
         data_iter = iter(loader)
+        start_step = global_step
         t_start = time.perf_counter()
         t_last, samples_since, samples_total = t_start, 0, 0
         bar = tqdm(total=target - global_step, desc="train", unit="step", disable=None if env.is_main else True)
@@ -393,7 +394,8 @@ class Runner:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
 
-            if global_step % rc.log_steps == 0 or global_step == target:
+            first_of_run = not samples_total and global_step == start_step + 1  # shows the starting loss
+            if global_step % rc.log_steps == 0 or global_step == target or first_of_run:
                 now = time.perf_counter()
                 rate = samples_since / max(now - t_last, 1e-9)
                 samples_total += samples_since
