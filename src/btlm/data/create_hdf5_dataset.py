@@ -243,14 +243,15 @@ class _Done:
 class _Executor:
     def __init__(self, processes: int, initargs: tuple):
         self.pool = None
+        init_worker(*initargs)  # in-process work, and forked workers inherit the built tokenizer
         if processes > 1:
             import multiprocessing as mp
 
-            # fork: workers start instantly; the parent has no threads at this point that workers need.
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            self.pool = ctx.Pool(processes, initializer=init_worker, initargs=initargs)
-        else:
-            init_worker(*initargs)
+            # fork: workers start at once with the parent's tokenizer; spawn (no fork) rebuilds it per worker.
+            if "fork" in mp.get_all_start_methods():
+                self.pool = mp.get_context("fork").Pool(processes)
+            else:
+                self.pool = mp.get_context("spawn").Pool(processes, initializer=init_worker, initargs=initargs)
 
     def submit(self, fn, *args):
         return self.pool.apply_async(fn, args) if self.pool else _Done(fn, *args)
@@ -315,7 +316,7 @@ def _prepare_output(cfg: dict, fingerprint: dict) -> dict | None:
     return ckpt
 
 
-def run(cfg: dict, batch_chars: int = 1 << 20, log=print) -> dict:
+def run(cfg: dict, batch_chars: int = 1 << 18, log=print) -> dict:
     """Prepare the dataset described by ``cfg`` (see :data:`OPTIONS`); return the data_params dict."""
     from tqdm.auto import tqdm
 

@@ -10,6 +10,7 @@ import os
 import random
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -74,8 +75,12 @@ class BatchTokenizer:
         return self._hf.decode(ids)
 
 
+@lru_cache(maxsize=4)
 def _gpt2_encoding(vocab_file: str | None, encoder_file: str | None):
-    """GPT-2's BPE as tiktoken: the shipped files, or the Model Zoo ``--vocab_file``/``--encoder_file`` pair."""
+    """GPT-2's BPE as tiktoken: the shipped files, or the Model Zoo ``--vocab_file``/``--encoder_file`` pair.
+
+    Cached: building the ranks takes seconds, and forked workers inherit the parent's copy.
+    """
     from btlm.tokenizer import tiktoken_encoding
 
     base = tiktoken_encoding()
