@@ -186,9 +186,10 @@ def plot_curves(path: Path, curves: dict[str, np.ndarray], meta: dict) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, (label, values) in enumerate(curves.items()):
         pos = np.arange(1, len(values) + 1)
-        color = f"C{i}"
+        color, style = f"C{i}", ("-", "--", ":", "-.")[i % 4]  # styles keep coinciding curves visible
         ax.plot(pos, values, color=color, alpha=0.2, linewidth=0.6)
-        ax.plot(pos, smooth_log(values), color=color, linewidth=1.8, label=f"{label} (mean {values.mean():.3f})")
+        ax.plot(pos, smooth_log(values), color=color, linestyle=style, linewidth=1.8,
+                label=f"{label} (mean {values.mean():.3f})")
     if meta.get("trained_n_positions"):
         ax.axvline(meta["trained_n_positions"], color="gray", linestyle="--", linewidth=1, label="training length")
     ax.set_xscale("log")
