@@ -103,13 +103,14 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     parser.add_argument("--max_steps", type=int, default=None, help="override the config's max_steps")
+    parser.add_argument("--train_minutes", type=float, default=6.0,
+                        help="stop training (at a chunk boundary) after this many minutes (default 6), so the "
+                             "demo stays under 10 minutes on a slow or busy machine; re-running resumes")
     args = parser.parse_args(argv)
     root = Path(args.out).resolve()
     t0 = time.perf_counter()
 
     import yaml
-
-    from btlm.run import main as run_main
 
     _step(1, "building an offline English corpus from the Python standard library's docstrings")
     if not (root / "corpus" / "train").is_dir():
@@ -130,10 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = root / "model_dir"
 
     _step(3, f"training: btlm run CPU --mode train --params {params.name} --model_dir {model_dir}")
-    cmd = ["CPU", "--mode", "train", "--params", str(params), "--model_dir", str(model_dir)]
-    if args.max_steps:
-        cmd += ["--max_steps", str(args.max_steps)]
-    if run_main(cmd):
+    if train_in_chunks(params, model_dir, args.max_steps or raw["runconfig"]["max_steps"], args.train_minutes):
         return 1
 
     _step(4, "evaluating on the held-out modules: btlm run CPU --mode eval")
@@ -171,6 +169,28 @@ def main(argv: list[str] | None = None) -> int:
                "seconds": time.perf_counter() - t0}
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\ndone in {summary['seconds']:.0f} s; outputs in {root}")
+    return 0
+
+
+def train_in_chunks(params: Path, model_dir: Path, max_steps: int, minutes: float, chunk: int = 25) -> int:
+    """``btlm run --mode train --num_steps chunk`` until ``max_steps`` or the time budget; every chunk
+    resumes from the previous chunk's checkpoint (the Model Zoo auto-resume). Returns an exit code."""
+    from btlm.run import main as run_main
+    from btlm.train.checkpoint import checkpoint_step, latest_checkpoint
+
+    deadline = time.perf_counter() + minutes * 60
+    step = 0
+    while step < max_steps:
+        t0 = time.perf_counter()
+        rc = run_main(["CPU", "--mode", "train", "--params", str(params), "--model_dir", str(model_dir),
+                       "--max_steps", str(max_steps), "--num_steps", str(chunk)])
+        if rc:
+            return rc
+        step = checkpoint_step(latest_checkpoint(model_dir))
+        if step < max_steps and time.perf_counter() + (time.perf_counter() - t0) > deadline:
+            print(f"    stopping at step {step} of {max_steps} to stay within --train_minutes {minutes:g}; "
+                  "run the demo again to continue from there")
+            break
     return 0
 
 
