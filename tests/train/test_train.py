@@ -157,3 +157,20 @@ def test_tensorboard_scalars(tiny_raw, tmp_path):
     assert [e.value for e in acc.Scalars("loss")] == pytest.approx([res["losses"][1], res["losses"][2]])
     assert [e.value for e in acc.Scalars("lr/embedding")] == pytest.approx([0.0, 0.005])
     assert [e.value for e in acc.Scalars("lr/decoder_kernel")] == pytest.approx([0.0, 0.001])
+
+
+class _Payload:  # an arbitrary object a malicious checkpoint could smuggle in
+    pass
+
+
+def test_unsafe_or_foreign_checkpoints_are_refused(tiny_raw, tmp_path):
+    evil = tmp_path / "checkpoint_1.mdl"
+    torch.save({"model": {}, "payload": _Payload()}, evil)
+    with pytest.raises(ckpt.CheckpointError, match="cannot load checkpoint safely"):
+        ckpt.load_checkpoint_file(evil)
+    cs = tmp_path / "cs" / "checkpoint_5.mdl"
+    cs.parent.mkdir()
+    torch.save({"model": {"model.embedding_layer.word_embeddings.weight": torch.zeros(2, 2)}}, cs)
+    runner = Runner(parse_params(tiny_raw), tiny_raw, tmp_path / "cs")
+    with pytest.raises(ckpt.CheckpointError, match="Cerebras CS-format checkpoint"):
+        runner.evaluate()

@@ -120,7 +120,7 @@ class Runner:
         self.env = env or D.DistEnv(device=torch.device("cuda" if target_device == "GPU" else "cpu"))
         self.model_dir.mkdir(parents=True, exist_ok=True)
         self.writer = None
-        self.autocast_dtype = self._choose_precision()
+        self.autocast_dtype = None  # chosen (and logged) when the run's logging is set up
 
     # ---- setup ------------------------------------------------------------------------------------
 
@@ -150,6 +150,7 @@ class Runner:
         from .config import report_extra_keys
 
         report_extra_keys(self.params)
+        self.autocast_dtype = self._choose_precision()
 
     def _close_run(self) -> None:
         if self.writer is not None:
@@ -205,8 +206,9 @@ class Runner:
             raise ckpt.CheckpointError(f"{path}: no 'model' state in the checkpoint")
         model_state = state["model"]
         if any(k.startswith("model.") for k in model_state):
-            raise ckpt.CheckpointError(f"{path}: this is a Cerebras (CS) checkpoint; import it with "
-                                       "`btlm convert import-cs` first")
+            raise ckpt.CheckpointError(f"{path}: model keys start with 'model.' (a Cerebras CS-format checkpoint); "
+                                       "convert it to the HF layout with the Model Zoo's convert_checkpoint.py, then "
+                                       "`btlm convert from-hf`")
         try:
             D.load_full_model_state(model, model_state, strict=strict)
         except RuntimeError as err:
@@ -445,6 +447,14 @@ class Runner:
         own_run = self.writer is None
         if own_run:
             self._open_run("eval")
+        try:
+            return self._evaluate(checkpoint_path, model)
+        finally:
+            if own_run:
+                self._close_run()
+
+    def _evaluate(self, checkpoint_path: Path | None, model) -> dict[str, float]:
+        p, env = self.params, self.env
         global_step = 0
         if model is None:
             model = self._build_model()
@@ -495,8 +505,6 @@ class Runner:
             self.writer.flush()
         logger.info("Processed %d batch(es) in %.1f seconds.", steps, time.perf_counter() - t0)
         logger.info("Evaluation completed successfully!")
-        if own_run:
-            self._close_run()
         return {**results, "global_step": global_step}
 
     def evaluate_all(self) -> dict[int, dict]:
