@@ -68,3 +68,24 @@ def test_two_process_ddp_and_fsdp_match_one_process(tiny_raw, tmp_path):
     assert full["global_step"] == 4 and full["dataloader"] == plain["dataloader"] == {"samples_streamed": 16, "seed": 0}
     for k, v in plain["model"].items():
         torch.testing.assert_close(full["model"][k], v, rtol=1e-4, atol=2e-5)
+
+
+def test_torchrun_cli_launch(tiny_raw, tmp_path):
+    """`torchrun --nproc_per_node=2 -m btlm.run CPU ...` (the documented launch) trains and checkpoints."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    tiny_raw["train_input"]["batch_size"] = 2
+    tiny_raw["runconfig"].update(max_steps=2, checkpoint_steps=0, distributed_strategy="ddp")
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump(tiny_raw))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "btlm.run", "CPU", "--mode", "train", "--params", str(params), "--model_dir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world size 2, ddp" in proc.stderr and "Training completed successfully!" in proc.stderr
+    state = torch.load(tmp_path / "run" / "checkpoint_2.mdl", weights_only=True)
+    assert state["global_step"] == 2 and state["dataloader"]["samples_streamed"] == 8
