@@ -68,7 +68,7 @@ def test_incremental_decoding_matches_full_forward(model, ids):
 
 def test_save_load_round_trip(model, ids, tmp_path):
     q = quantize_model(copy.deepcopy(model), bits=4, group_size=32, progress=False)
-    expected = q(ids).logits  # after a forward, qweight is in the kernel layout; saving must undo that
+    expected = q(ids).logits
     save_quantized(q, tmp_path / "q")
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization_config"] == dict(quant_method="btlm_woq", bits=4, group_size=32,

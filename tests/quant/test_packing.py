@@ -10,11 +10,9 @@ from btlm.quant.packing import (
     dequantize_int4,
     dequantize_int8,
     from_kernel_layout,
-    pack_nibbles,
     quantize_int4,
     quantize_int8,
     to_kernel_layout,
-    unpack_nibbles,
 )
 
 
@@ -24,7 +22,6 @@ def test_kernel_layout_matches_torch_op_and_inverts(shape):
     packed = to_kernel_layout(q)
     assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
     assert torch.equal(from_kernel_layout(packed), q)
-    assert torch.equal(unpack_nibbles(pack_nibbles(q)), q)
 
 
 @pytest.mark.parametrize("group_size", INT4_GROUP_SIZES)

@@ -8,48 +8,16 @@ compute, to within the bounds below; it says nothing about a 3B model's benchmar
 """
 
 import copy
-import importlib
-import inspect
 
 import pytest
 import torch
 
-from btlm.model import BTLMLMHeadModel, config_from_preset
-from btlm.quant.quality import compare_models, quality_table, token_batches
-
-_MODULES = ["argparse", "json", "collections", "subprocess", "logging", "typing", "pathlib", "decimal",
-            "textwrap", "shutil", "tarfile", "zipfile", "csv", "threading"]
-
-
-def _docstring_bytes() -> list[int]:
-    """~150 kB of English technical text that every Python install has, as byte ids."""
-    parts = []
-    for name in _MODULES:
-        module = importlib.import_module(name)
-        parts.append(inspect.getdoc(module) or "")
-        for _, obj in sorted(vars(module).items()):
-            if callable(obj) and getattr(obj, "__module__", None) == module.__name__ and inspect.getdoc(obj):
-                parts.append(inspect.getdoc(obj))
-    return list("\n\n".join(parts).encode())
+from btlm.quant.quality import compare_models, quality_table, train_tiny_byte_model
 
 
 @pytest.fixture(scope="module")
 def trained():
-    data = _docstring_bytes()
-    split = int(len(data) * 0.9)
-    train, held_out = torch.tensor(data[:split]), data[split:]
-    torch.manual_seed(0)
-    model = BTLMLMHeadModel(config_from_preset("tiny", vocab_size=256, n_positions=64))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(150):
-        starts = torch.randint(0, len(train) - 65, (8,), generator=g)
-        x = torch.stack([train[s : s + 64] for s in starts])
-        loss = model(x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval(), token_batches(held_out, 64, 8, 4)
+    return train_tiny_byte_model(steps=150)
 
 
 def test_quantised_quality_is_bounded(trained):

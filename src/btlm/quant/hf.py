@@ -24,7 +24,7 @@ class BTLMWeightOnlyQuantizer(HfQuantizer):
 
     def validate_environment(self, *args, device_map=None, **kwargs):
         devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
-        if devices - {None, "cpu"} and not all(str(d).startswith("cpu") for d in devices if d is not None):
+        if any(d not in (None, "auto") and not str(d).startswith("cpu") for d in devices):
             raise QuantizationError(
                 f"btlm int{self.quantization_config.bits} checkpoints run on CPU only; got device_map={device_map!r}"
             )

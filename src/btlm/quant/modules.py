@@ -20,12 +20,10 @@ from .packing import (
     KERNEL_BLOCK_N,
     dequantize_int4,
     from_kernel_layout,
-    pack_nibbles,
     quantize_int4,
     quantize_int8,
     round_up,
     to_kernel_layout,
-    unpack_nibbles,
 )
 
 #: Above this many rows (tokens) an int4 matmul dequantises the weight to the activation dtype and
@@ -54,10 +52,11 @@ def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
 class Int4Conv1D(nn.Module):
     """``y = x @ W + b`` like GPT-2's ``Conv1D`` (``W`` is ``[in, out]``), from group-wise int4 weights.
 
-    Stored tensors: ``qweight`` uint8 ``[Np, Kp/2]`` (nibble-packed codes, ``nn.Linear`` orientation),
-    ``scales_and_zeros`` bf16 ``[Kp/group_size, Np, 2]``, ``bias`` ``[out]``; ``Np``/``Kp`` are the padded
-    widths (:mod:`btlm.quant.packing`). On first use ``qweight`` is converted in place to the kernel's
-    layout; ``state_dict()`` converts back, so saved files always hold the portable nibble format.
+    Stored tensors: ``qweight`` uint8 ``[Np, Kp/2]``, the 4-bit codes (``nn.Linear`` orientation) already
+    in the int4 CPU kernel's blocked layout (:func:`btlm.quant.packing.to_kernel_layout`), so a loaded
+    checkpoint is used straight from the memory-mapped file with no conversion copy;
+    ``scales_and_zeros`` bf16 ``[Kp/group_size, Np, 2]``; ``bias`` ``[out]``. ``Np``/``Kp`` are the
+    padded widths (:mod:`btlm.quant.packing`).
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int, dtype=torch.float32, device=None):
@@ -71,8 +70,6 @@ class Int4Conv1D(nn.Module):
             torch.zeros(self.padded_in // group_size, self.padded_out, 2, dtype=torch.bfloat16, **kw)
         )
         self.bias = _frozen(torch.zeros(out_features, dtype=dtype, **kw))
-        self.kernel_layout = False
-        self.register_state_dict_post_hook(_int4_state_dict_hook)
 
     @classmethod
     def from_conv1d(cls, conv: Conv1D, group_size: int) -> "Int4Conv1D":
@@ -80,14 +77,14 @@ class Int4Conv1D(nn.Module):
         in_features, out_features = conv.weight.shape
         module = cls(in_features, out_features, group_size, dtype=conv.bias.dtype)
         q, scales_and_zeros = quantize_int4(conv.weight.detach().T, group_size)
-        module.qweight.data = pack_nibbles(q)
+        module.qweight.data = to_kernel_layout(q)
         module.scales_and_zeros.data = scales_and_zeros
         module.bias.data = conv.bias.detach().clone()
         return module
 
     def codes(self) -> torch.Tensor:
-        """The ``[Np, Kp]`` uint8 codes, whatever layout ``qweight`` is in."""
-        return from_kernel_layout(self.qweight) if self.kernel_layout else unpack_nibbles(self.qweight)
+        """The ``[Np, Kp]`` uint8 codes."""
+        return from_kernel_layout(self.qweight)
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         """The ``[out, in]`` (``nn.Linear`` layout) weight the module computes with."""
@@ -96,11 +93,8 @@ class Int4Conv1D(nn.Module):
 
     @torch.no_grad()
     def prepare_kernel(self) -> None:
-        """Convert ``qweight`` to the int4 kernel layout (idempotent; done once after loading)."""
-        if not self.kernel_layout:
-            self.qweight.data = to_kernel_layout(unpack_nibbles(self.qweight))
-            self.kernel_layout = True
-        if self.scales_and_zeros.dtype != torch.bfloat16:  # a loader may have cast it to the model dtype
+        """Keep the scales bf16 as the kernel wants (a loader may have cast them to the model dtype)."""
+        if self.scales_and_zeros.dtype != torch.bfloat16:
             self.scales_and_zeros.data = self.scales_and_zeros.data.bfloat16()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,8 +103,7 @@ class Int4Conv1D(nn.Module):
         out_dtype = self.bias.dtype
         x2 = _pad_last(x.reshape(-1, x.shape[-1]), self.padded_in)
         if x2.shape[0] >= DEQUANT_MIN_ROWS:  # long prompt: a dense matmul is faster (see DEQUANT_MIN_ROWS)
-            w = dequantize_int4(from_kernel_layout(self.qweight), self.scales_and_zeros, out_dtype)
-            y = F.linear(x2.to(out_dtype), w)
+            y = F.linear(x2.to(out_dtype), dequantize_int4(self.codes(), self.scales_and_zeros, out_dtype))
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.bfloat16(), self.qweight, self.group_size, self.scales_and_zeros
@@ -120,12 +113,6 @@ class Int4Conv1D(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits=4, group_size={self.group_size}"
-
-
-def _int4_state_dict_hook(module: Int4Conv1D, state_dict, prefix, local_metadata) -> None:
-    """Save the portable nibble format even after ``qweight`` was converted to the kernel layout."""
-    if module.kernel_layout:
-        state_dict[prefix + "qweight"] = pack_nibbles(from_kernel_layout(module.qweight.detach()))
 
 
 class Int8Conv1D(nn.Module):

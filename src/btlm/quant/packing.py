@@ -85,18 +85,8 @@ def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, dtype=torch
     return w.view(n, k)
 
 
-def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """Storage format: ``[N, K]`` codes → ``[N, K/2]`` bytes, low nibble = even column (as GGUF/AWQ)."""
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
-
-
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_nibbles`."""
-    return torch.stack([packed & 0xF, packed >> 4], dim=-1).view(packed.shape[0], -1)
-
-
 def to_kernel_layout(q: torch.Tensor) -> torch.Tensor:
-    """``[N, K]`` codes → the int4 CPU kernel's packed ``[N, K/2]`` uint8 layout.
+    """``[N, K]`` codes → the int4 CPU kernel's packed ``[N, K/2]`` uint8 layout (also the file format).
 
     Equivalent to ``torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)`` (a test checks it)
     but works on uint8 without the op's int32 copy: rows come in blocks of 32; for each column ``k`` a
@@ -108,7 +98,7 @@ def to_kernel_layout(q: torch.Tensor) -> torch.Tensor:
 
 
 def from_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`to_kernel_layout` (used to dequantise for prefill and to save a loaded model)."""
+    """Inverse of :func:`to_kernel_layout` (to dequantise, e.g. for long prompts)."""
     n, half_k = packed.shape
     byte = packed.view(n // KERNEL_BLOCK_N, 2 * half_k, KERNEL_BLOCK_N // 2).permute(0, 2, 1)  # [b, j, k]
     return torch.stack([byte & 0xF, byte >> 4], dim=1).reshape(n, 2 * half_k)

@@ -46,7 +46,50 @@ def token_batches(token_ids: list[int], seq_len: int, batch_size: int, max_batch
     return list(ids)
 
 
-def quality_table(model, batches, variants=((8, None), (4, 128), (4, 32))) -> list[dict]:
+_DOC_MODULES = ("argparse", "json", "collections", "subprocess", "logging", "typing", "pathlib", "decimal",
+                "textwrap", "shutil", "tarfile", "zipfile", "csv", "threading")
+
+
+def docstring_bytes() -> list[int]:
+    """~150 kB of English technical text every Python install has (stdlib docstrings), as byte ids."""
+    import importlib
+    import inspect
+
+    parts = []
+    for name in _DOC_MODULES:
+        module = importlib.import_module(name)
+        parts.append(inspect.getdoc(module) or "")
+        for _, obj in sorted(vars(module).items()):
+            if callable(obj) and getattr(obj, "__module__", None) == module.__name__ and inspect.getdoc(obj):
+                parts.append(inspect.getdoc(obj))
+    return list("\n\n".join(parts).encode())
+
+
+def train_tiny_byte_model(steps: int = 150, seed: int = 0):
+    """A tiny BTLM (byte vocabulary, 2 layers × 64) trained on the first 90 % of :func:`docstring_bytes`.
+
+    Returns ``(model, held_out_batches)`` with four ``[8, 64]`` batches from the unseen last 10 %.
+    """
+    from btlm.model import BTLMLMHeadModel, config_from_preset
+
+    data = docstring_bytes()
+    split = int(len(data) * 0.9)
+    train, held_out = torch.tensor(data[:split]), data[split:]
+    torch.manual_seed(seed)
+    model = BTLMLMHeadModel(config_from_preset("tiny", vocab_size=256, n_positions=64))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        starts = torch.randint(0, len(train) - 65, (8,), generator=g)
+        x = torch.stack([train[s : s + 64] for s in starts])
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), token_batches(held_out, 64, 8, 4)
+
+
+def quality_table(model, batches, variants=((8, None), (4, 128), (4, 64), (4, 32))) -> list[dict]:
     """Quantise copies of ``model`` to each ``(bits, group_size)`` and compare them with it."""
     from .quantize import quantize_model
 
@@ -61,8 +104,10 @@ def quality_table(model, batches, variants=((8, None), (4, 128), (4, 32))) -> li
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m btlm.quant.quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="unquantised BTLM directory (loaded in fp32)")
-    p.add_argument("--text", required=True, help="held-out UTF-8 text file (not seen in training)")
+    p.add_argument("--model", help="unquantised BTLM directory (loaded in fp32)")
+    p.add_argument("--text", help="held-out UTF-8 text file (not seen in training)")
+    p.add_argument("--tiny-trained", action="store_true",
+                   help="instead: train the tiny byte-level model of tests/quant/test_quality.py and use it")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-batches", type=int, default=8)
@@ -71,17 +116,22 @@ def main(argv: list[str] | None = None) -> int:
     from btlm.inference import ModelLoadError, load_model
     from btlm.tokenizer import tiktoken_encoding
 
-    try:
-        model = load_model(args.model, dtype="fp32")
-        ids = tiktoken_encoding().encode_ordinary(Path(args.text).read_text(encoding="utf-8"))
-        batches = token_batches(ids, args.seq_len, args.batch_size, args.max_batches)
-    except (ModelLoadError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.tiny_trained:
+        model, batches = train_tiny_byte_model()
+    elif not (args.model and args.text):
+        p.error("give --model and --text, or --tiny-trained")
+    else:
+        try:
+            model = load_model(args.model, dtype="fp32")
+            ids = tiktoken_encoding().encode_ordinary(Path(args.text).read_text(encoding="utf-8"))
+            batches = token_batches(ids, args.seq_len, args.batch_size, args.max_batches)
+        except (ModelLoadError, OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     print("| variant | KL(fp32 ‖ q) nats/token | ppl fp32 | ppl quantised | ppl change | tokens |")
     print("|---|---|---|---|---|---|")
     for r in quality_table(model, batches):
-        print(f"| {r['variant']} | {r['kl']:.5f} | {r['ppl_ref']:.3f} | {r['ppl']:.3f} | "
+        print(f"| {r['variant']} | {r['kl']:.2e} | {r['ppl_ref']:.3f} | {r['ppl']:.3f} | "
               f"{100 * r['ppl_rel_diff']:+.2f}% | {r['tokens']} |")
     return 0
 
