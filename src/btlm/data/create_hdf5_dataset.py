@@ -190,16 +190,26 @@ def read_batches(files: list[str], start: tuple[int, int], key: str, strict: boo
     """Yield :class:`Batch` es of about ``batch_chars`` characters from corpus position ``start`` on.
 
     Batch boundaries fall only after a usable document, and depend on the text alone, never on timing.
+    The per-record work is kept to plain local counting: it runs in the main process for every record.
     """
     sizes = [os.path.getsize(f) for f in files]
     done = sum(sizes[: start[0]])
-    batch, chars = Batch(start), 0
+    batch, chars, records = Batch(start), 0, 0
+
+    def close(b: Batch, bytes_done: int) -> Batch:
+        b.delta["records_read"] += records
+        b.delta["documents"] += len(b.texts)
+        b.delta["raw_chars"] += chars
+        b.bytes_done = bytes_done
+        return b
+
     for fi in range(start[0], len(files)):
-        path, first, pos = files[fi], (start[1] if fi == start[0] else 0), [0]
+        path, first, pos = files[fi], (start[1] if fi == start[0] else 0), [None]
         if first == 0:
             batch.delta["files_read"] += 1
         for rec in iter_records(path, key, first, pos):
-            batch.delta["records_read"] += 1
+            records += 1
+            text = rec.text
             if rec.problem:
                 msg = f"{where(path, rec)}: {rec.problem}: {rec.detail}"
                 if strict:
@@ -207,20 +217,16 @@ def read_batches(files: list[str], start: tuple[int, int], key: str, strict: boo
                 batch.delta[f"discarded_{rec.problem}"] += 1
                 batch.problems.append(msg)
                 continue
-            if not rec.text.strip():
+            if not text or text.isspace():
                 batch.delta["discarded_empty_document"] += 1
                 continue
-            batch.texts.append(rec.text)
-            batch.delta["documents"] += 1
-            batch.delta["raw_chars"] += len(rec.text)
-            chars += len(rec.text)
+            batch.texts.append(text)
+            chars += len(text)
             if chars >= batch_chars:
-                batch.bytes_done = done + pos[0]
-                yield batch
-                batch, chars = Batch((fi, rec.record_no + 1)), 0
+                yield close(batch, done + pos[0]())
+                batch, chars, records = Batch((fi, rec.record_no + 1)), 0, 0
         done += sizes[fi]
-    batch.bytes_done = done
-    yield batch
+    yield close(batch, done)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,10 +276,12 @@ def shard_name(cfg: dict, idx: int) -> str:
     return f"{cfg['output_name']}_{idx:05d}.h5"
 
 
-def _atomic_json(path: str, obj) -> None:
+def _atomic_json(path: str, obj, indent: int | None = 2) -> None:
+    """Write JSON under a temporary name, then rename (a killed run never leaves half a file)."""
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
+    text = json.dumps(obj, indent=indent)  # one write: json.dump's many small writes were slow
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
+        f.write(text)
     os.replace(tmp, path)
 
 
@@ -370,7 +378,7 @@ def run(cfg: dict, batch_chars: int = 1 << 18, log=print) -> dict:
                 snapshots.popleft()
             _atomic_json(os.path.join(cfg["output_dir"], CHECKPOINT), {
                 "fingerprint": fingerprint, "shards_written": idx + 1, "shard_stats": dict(shard_stats),
-                "snapshot": snapshots[0][1], "complete": False})
+                "snapshot": snapshots[0][1], "complete": False}, indent=None)  # compact: written per shard
 
     def submit_shard(windows, lengths) -> None:
         path = os.path.join(cfg["output_dir"], shard_name(cfg, state["next_shard"]))

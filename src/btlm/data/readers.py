@@ -147,22 +147,32 @@ def _corrupt_errors() -> tuple[type[BaseException], ...]:
     return (zstandard.ZstdError, EOFError, OSError, zlib.error)
 
 
+def _bad_line(n: int, line: bytes, err: Exception) -> Record:
+    """Classify a line orjson rejected: not UTF-8, or not JSON (orjson reports both the same way)."""
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Record(n, problem="invalid_utf8", detail=str(e))
+    return Record(n, problem="malformed_json", detail=str(err))
+
+
 def _iter_jsonl(path: str, raw, key: str, start: int) -> Iterator[Record]:
+    import orjson  # ~4x faster than json, and it rejects lone surrogates the tokenizer could not encode
+
     stream = _open_binary(path, raw)
     n = -1
     try:
         for n, line in enumerate(stream):
-            if n < start or not line.strip():
+            if n < start:
                 continue
             try:
-                s = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield Record(n, problem="invalid_utf8", detail=str(e))
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError as e:
+                if line.strip():  # blank lines are skipped silently
+                    yield _bad_line(n, line, e)
                 continue
-            try:
-                obj = json.loads(s)
-            except ValueError as e:
-                yield Record(n, problem="malformed_json", detail=str(e))
+            if type(obj) is dict and type(obj.get(key)) is str:  # the common case, without the checks below
+                yield Record(n, text=obj[key])
                 continue
             rec = _text_from_json(obj, key)
             rec.record_no = n
@@ -201,32 +211,33 @@ def _iter_parquet(path: str, key: str, start: int) -> Iterator[Record]:
 def iter_records(path: str, key: str = "text", start: int = 0, pos: list | None = None) -> Iterator[Record]:
     """Yield the records of one input file from record number ``start`` on.
 
-    ``pos``, if given, is a one-element list updated with the bytes of ``path`` consumed so far
-    (compressed bytes for compressed inputs), for progress reporting.
+    ``pos``, if given, is a one-element list whose item, called, gives the bytes of ``path`` consumed so
+    far (compressed bytes for compressed inputs), for progress reporting; asked for once a batch, not
+    once a record.
     """
     fmt = input_format(path)
     if fmt is None:
         raise DataError(f"{path}: unsupported input format (expected one of {SUPPORTED_SUFFIXES})")
+    size = os.path.getsize(path)
+    if pos is not None:
+        pos[0] = lambda: 0
     if fmt == ".parquet":
         yield from _iter_parquet(path, key, start)
-        if pos is not None:
-            pos[0] = os.path.getsize(path)
-        return
-    with open(path, "rb") as raw:
-        if fmt == ".txt":
-            if start == 0:  # the whole file is one document
-                data = raw.read()
-                try:
-                    yield Record(0, text=data.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    yield Record(0, problem="invalid_utf8", detail=str(e))
-        else:
-            for rec in _iter_jsonl(path, raw, key, start):
-                if pos is not None:
-                    pos[0] = raw.tell()
-                yield rec
+    else:
+        with open(path, "rb") as raw:
+            if pos is not None:
+                pos[0] = raw.tell
+            if fmt == ".txt":
+                if start == 0:  # the whole file is one document
+                    data = raw.read()
+                    try:
+                        yield Record(0, text=data.decode("utf-8"))
+                    except UnicodeDecodeError as e:
+                        yield Record(0, problem="invalid_utf8", detail=str(e))
+            else:
+                yield from _iter_jsonl(path, raw, key, start)
     if pos is not None:
-        pos[0] = os.path.getsize(path)
+        pos[0] = lambda: size
 
 
 def where(path: str, rec: Record) -> str:
