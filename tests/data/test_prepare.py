@@ -83,7 +83,7 @@ def test_bad_records_are_counted_with_location(tmp_path):
     d.mkdir()
     with open(d / "a.jsonl", "wb") as f:
         f.write(b'{"text": "good one"}\n{"text": broken\n{"other": "x"}\n{"text": "bad \xff utf8"}\n{"text": 5}\n'
-                b'"a bare string line"\n')
+                b'"a bare string line"\n{"text": "lone \\ud800 surrogate"}\n')
     import zstandard
 
     lines = "".join(json.dumps({"text": t}) + "\n" for t in make_docs(3000, seed=5)).encode()
@@ -91,11 +91,13 @@ def test_bad_records_are_counted_with_location(tmp_path):
     (d / "b.jsonl.zst").write_bytes(good[: len(good) // 2])  # a truncated download
     p = prepare(d, tmp_path / "o")
     disc = p["post-process"]["discarded"]
-    assert disc == {"malformed_json": 1, "missing_key": 1, "invalid_utf8": 1, "bad_value": 1, "corrupt_file": 1}
+    # a lone surrogate escape is not text the tokenizer can encode: counted as malformed, not a crash
+    assert disc == {"malformed_json": 2, "missing_key": 1, "invalid_utf8": 1, "bad_value": 1, "corrupt_file": 1}
     probs = "\n".join(p["problems"])
     assert f"{d / 'a.jsonl'}:line 2: malformed_json" in probs
     assert f"{d / 'a.jsonl'}:line 3: missing_key" in probs
     assert f"{d / 'a.jsonl'}:line 4: invalid_utf8" in probs
+    assert f"{d / 'a.jsonl'}:line 7: malformed_json" in probs
     assert f"{d / 'b.jsonl.zst'}:line" in probs and "corrupt_file" in probs
     # the good line, the bare string and the zst lines before the damage are kept
     assert 2 + 100 < p["post-process"]["documents"] < 2 + 3000
@@ -186,3 +188,42 @@ def test_kill_and_resume_gives_identical_shards(tmp_path):
     for k in ("documents", "tokens", "n_examples", "records_read"):
         assert p["post-process"][k] == ref["post-process"][k]
     assert p["h5_dataset_stats"] == ref["h5_dataset_stats"]
+
+
+def test_gzip_shards_are_plain_deflate_chunks(prepared):
+    """Rows are compressed by ISA-L, not HDF5: each chunk must still be a standard zlib stream of one row."""
+    import zlib
+
+    import h5py
+
+    with h5py.File(sorted(prepared[0].glob("*.h5"))[0], "r") as f:
+        ds = f["data"]
+        assert ds.compression == "gzip" and ds.chunks == (1, 3, 32)
+        for i in (0, len(ds) - 1):
+            mask, raw = ds.id.read_direct_chunk((i, 0, 0))
+            assert mask == 0 and len(raw) < ds[i].nbytes
+            np.testing.assert_array_equal(np.frombuffer(zlib.decompress(raw), dtype="<i4").reshape(3, 32), ds[i])
+
+
+def test_gpt2_vocab_files_load_like_tiktoken(tmp_path):
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    from btlm.data.preprocess import gpt2_mergeable_ranks
+    from btlm.tokenizer import bpe_files
+
+    encoder, merges = (str(p) for p in bpe_files())
+    ranks, eos = gpt2_mergeable_ranks(merges, encoder)  # the fast loader, with the merge check
+    assert eos == EOS_ID and ranks == data_gym_to_mergeable_bpe_ranks(merges, encoder)
+    # Model Zoo style --vocab_file/--encoder_file give the same rows as the shipped tokenizer
+    d = tmp_path / "in"
+    d.mkdir()
+    docs = make_docs(30, seed=7)
+    write_jsonl(d / "a.jsonl", docs)
+    prepare(d, tmp_path / "o", vocab_file=merges, encoder_file=encoder, min_sequence_len=2)
+    assert stream_of(read_rows(tmp_path / "o")) == expected_stream(docs)
+    # merges that disagree with the encoder ids are refused with the file names
+    lines = open(merges, encoding="utf-8").read().split("\n")
+    lines[1], lines[2] = lines[2], lines[1]
+    (tmp_path / "bad.bpe").write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.bpe.*merge 1 .* does not match encoder id 256"):
+        prepare(d, tmp_path / "o2", vocab_file=str(tmp_path / "bad.bpe"), encoder_file=encoder)
