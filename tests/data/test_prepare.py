@@ -54,6 +54,8 @@ def test_process_count_does_not_change_output(corpus, prepared, tmp_path):
     prepare(corpus[0], tmp_path, processes=2, batch_chars=1500)
     np.testing.assert_array_equal(read_rows(tmp_path), read_rows(prepared[0]))
     assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(prepared[0]))
+    for f in prepared[0].glob("*.h5"):  # byte for byte, gzip chunks included
+        assert (tmp_path / f.name).read_bytes() == f.read_bytes(), f.name
 
 
 def test_short_seq_prob_keeps_every_token(corpus, tmp_path):
