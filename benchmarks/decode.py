@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--bf16-new-tokens", type=int, default=2,
                    help="decode steps timed for bf16 (default 2: a bf16 Conv1D decode step of the 3B model takes ~1 minute on AVX2)")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse rows measured by an earlier run with the same settings (kept in --workdir)")
     p.add_argument("--preset", default="3b", help="model shape (3b; small for a quick check)")
     p.add_argument("--workdir", type=Path, default=None, help="where the random checkpoints are kept")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode.md")
@@ -90,11 +92,16 @@ def main(argv: list[str] | None = None) -> int:
         variant, attn, label = ROWS[r]
         print(f"measuring {r} …", file=sys.stderr, flush=True)
         steps = args.bf16_new_tokens if variant == "bf16" else args.new_tokens
+        cached = (args.workdir or DEFAULT_WORKDIR) / f"decode-{args.preset}-{r}-{args.prompt_len}-{steps}.json"
+        if args.reuse and cached.is_file():
+            results.append(dict(json.loads(cached.read_text()), reused=True))
+            continue
         res = run_child(__file__, dirs[variant], variant, attn, args.prompt_len, steps)
         if "error" in res:
             print(f"error: {r}: {res['error']}", file=sys.stderr)
             return 1
-        res.update(row=r, label=label, steps=steps, roofline=bandwidth * 1e9 / res["weight_bytes"])
+        res.update(row=r, label=label, steps=steps)
+        cached.write_text(json.dumps(res))
         results.append(res)
         print(json.dumps(res), file=sys.stderr)
     bandwidth_after = memory_read_bandwidth()
@@ -112,13 +119,18 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|",
     ]
     for res in results:
+        res["roofline"] = bandwidth * 1e9 / res["weight_bytes"]
         lines.append(f"| {res['label']} | {res['weight_bytes'] / 1e9:.2f} GB | {res['prefill_tok_s']:.2f} | "
                      f"{res['decode_tok_s']:.2f} ({res['steps']}) | {res['roofline']:.2f} | {res['decode_tok_s'] / res['roofline']:.0%} |")
+    reused = [res["row"] for res in results if res.get("reused")]
+    if reused:
+        lines += ["", f"Rows {', '.join(reused)} were measured by an earlier invocation with the same settings (`--reuse`); "
+                      "the bandwidth above is this invocation's."]
     lines += ["", "llama.cpp: not installed on this machine (see docs/quant.md); machine_facts.md reports Q4_0 with the "
                   "FFN padded to 6912 at 8.8 tok/s prefill / 5.4 tok/s decode on the same 2-core CPU (not measured in this run).",
               "", f"Command: `{'OMP_WAIT_POLICY=' + policy + ' ' if policy else ''}python benchmarks/decode.py "
                   f"--preset {args.preset} --variants {args.variants} --prompt-len {args.prompt_len} "
-                  f"--new-tokens {args.new_tokens} --bf16-new-tokens {args.bf16_new_tokens}` (2-core AVX2 CPU shared with other jobs; load average "
+                  f"--new-tokens {args.new_tokens} --bf16-new-tokens {args.bf16_new_tokens}{' --reuse' if args.reuse else ''}` (2-core AVX2 CPU shared with other jobs; load average "
                   f"{load_average()} at the end).", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")

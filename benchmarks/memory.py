@@ -75,7 +75,7 @@ def write_chart(rows: list[dict], png: Path) -> None:
     runtime = [r["runtime"] / 1e9 for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     bars = ax.bar(names, peak, color=["#8c8c8c", "#5b8cc9", "#e3a33b", "#3a9b5c"][: len(rows)],
-                  label="peak RSS: load + 128-token generation")
+                  label="peak RSS: load + generation")
     ax.bar(names, runtime, color="none", edgecolor="black", hatch="//", label="of which Python + torch runtime")
     ax.bar_label(bars, labels=[f"{p:.2f} GB" for p in peak], padding=2)
     ax.axhline(TARGET_GB, color="crimson", linestyle="--", linewidth=1, label="3 GB (model card claim for 4-bit)")
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens = args.bf16_new_tokens if v == "bf16" else args.new_tokens
         cached = workdir / f"memory-{args.preset}-{v}-{tokens}.json"
         if args.reuse and cached.is_file():
-            rows.append(json.loads(cached.read_text()))
+            rows.append(dict(json.loads(cached.read_text()), reused=True))
             continue
         print(f"measuring {v} …", file=sys.stderr, flush=True)
         r = run_child(__file__, dirs[v], v, tokens)
@@ -154,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "meets" if int4["peak"] / 1e9 < TARGET_GB else "misses"
         lines += ["", f"int4 peak {int4['peak'] / 1e9:.2f} GB {verdict} the 3 GB target "
                       f"({'also' if int4['peak'] / 1e9 < 2.5 else 'not'} under the 2.5 GB stretch target)."]
+    reused = [r["variant"] for r in rows if r.get("reused")]
+    if reused:
+        lines += ["", f"Rows {', '.join(reused)} were measured by an earlier invocation with the same settings "
+                      "(`--reuse`), the others in this one."]
     lines += ["", f"![memory chart]({png.name})", "",
               f"Command: `{_env_prefix()}python benchmarks/memory.py --preset {args.preset} --variants {args.variants} --new-tokens {args.new_tokens} --bf16-new-tokens {args.bf16_new_tokens}{' --reuse' if args.reuse else ''}` "
               f"(2-core AVX2 CPU, 24 GiB RAM, torch {__import__('torch').__version__}; load average during the run "
