@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         for r in range(args.repeats):
             rows = [(name, lambda t=t: raw_tokenizer(enc, docs, t)) for name, t in zip(raw_names, sorted({1, args.processes}))]
             rows.append((numpy_name, lambda: raw_tokenizer_numpy(enc, docs, args.processes)))
-            for comp in ("gzip", "none"):
+            for comp in ("none", "gzip"):
                 rows.append((f"`btlm data LMData`, {args.processes} processes, {comp} shards",
                              lambda c=comp: pipeline(corpus_dir, os.path.join(tmp, f"out_{c}_{r}"), c, args)))
             for name, fn in rows:
