@@ -97,6 +97,22 @@ def test_cli_help_lists_commands(capsys):
         assert name in text
 
 
+def test_every_cli_command_has_a_main():
+    """The dispatcher must not list a command whose module is missing or has no ``main(argv)``."""
+    import importlib
+
+    for name, (module, _) in cli.COMMANDS.items():
+        assert callable(getattr(importlib.import_module(module), "main", None)), name
+
+
+def test_python_dash_m_btlm_runs_the_cli():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "btlm", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "eval-long" in res.stdout
+
+
 def test_dynamic_interpolation_through_load_overrides(model_dir):
     model = load_model(model_dir, n_positions=16384, alibi_scaling={"type": "linear", "train_seq_len": 8192})
     assert model.config.n_positions == 16384 and model.config.alibi_scaling["train_seq_len"] == 8192

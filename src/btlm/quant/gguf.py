@@ -44,6 +44,8 @@ from typing import Callable
 
 import numpy as np
 
+from .packing import round_up
+
 logger = logging.getLogger(__name__)
 
 #: ``--outtype`` choices (the type of the matrices; norms and biases are always F32, as in llama.cpp's converter).
@@ -288,10 +290,6 @@ class _Tensor:
     make: Callable[[], np.ndarray]  # float32 data
 
 
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
-
-
 def _pick_type(name: str, shape: tuple[int, ...], want):
     """The GGML type for a tensor: F32 for 1-D tensors, else ``want`` when its rows are whole blocks, else F16
     (the converter's fallback)."""
@@ -445,7 +443,7 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, outty
         raise GGUFExportError(f"output path {out} is a directory; give a file name such as model.gguf")
 
     n_ff = config.n_inner or 4 * config.n_embd
-    n_ff_padded = _round_up(n_ff, max(1, pad_ffn_to))
+    n_ff_padded = round_up(n_ff, max(1, pad_ffn_to))
     context_length = config.n_positions
     if config.alibi_scaling is not None:  # dynamic interpolation: plain ALiBi up to train_seq_len
         context_length = min(context_length, config.alibi_scaling["train_seq_len"])
