@@ -29,12 +29,15 @@ def _step(n: int, text: str) -> None:
     print(f"\n=== [{n}/5] {text}", flush=True)
 
 
-def build_corpus(out: Path, val_every: int = 20) -> tuple[int, int]:
+def build_corpus(out: Path, val_every: int = 20, root: Path | None = None) -> tuple[int, int]:
     """Docstrings of the standard library's modules, classes and functions, one ``.txt`` document per
-    module; every ``val_every``-th module goes to validation. Returns (train, val) character counts."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in stdlib.rglob("*.py")
-                   if not any(part in ("test", "tests", "idlelib", "site-packages", "lib2to3") for part in p.parts))
+    module; every ``val_every``-th module goes to validation. Returns (train, val) character counts.
+
+    ``root`` takes the docstrings of another source tree instead (e.g. an installed package, for text the
+    demo model never saw: docs/long-context.md evaluates on ``transformers``' docstrings)."""
+    src = Path(root or sysconfig.get_paths()["stdlib"])
+    skip = ("test", "tests", "idlelib", "site-packages", "lib2to3")
+    files = sorted(p for p in src.rglob("*.py") if not any(part in skip for part in p.relative_to(src).parts))
     sizes = [0, 0]
     for split in ("train", "val"):
         (out / split).mkdir(parents=True, exist_ok=True)
@@ -52,7 +55,7 @@ def build_corpus(out: Path, val_every: int = 20) -> tuple[int, int]:
         if not docs:
             continue
         split = 1 if i % val_every == 0 else 0
-        name = "_".join(path.relative_to(stdlib).with_suffix("").parts)
+        name = "_".join(path.relative_to(src).with_suffix("").parts)
         text = "\n\n".join(docs)
         (out / ("train", "val")[split] / f"{name}.txt").write_text(text, encoding="utf-8")
         sizes[split] += len(text)
