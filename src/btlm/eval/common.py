@@ -93,6 +93,12 @@ def apply_scaling(model, setting: ScalingSetting) -> None:
     model.config.alibi_scaling = None if setting.alibi_scaling is None else dict(setting.alibi_scaling)
 
 
+def model_label(path: str | os.PathLike) -> str:
+    """A short plot label for a model directory: its last two path parts (``runs/tiny_pi/hf`` →
+    ``tiny_pi/hf``), since exported models often live in generically named ``hf/`` folders."""
+    return "/".join(Path(path).resolve().parts[-2:])
+
+
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     """Write ``data`` to ``path`` via a temporary sibling + ``os.replace`` (never a half-written file)."""
     path = Path(path)

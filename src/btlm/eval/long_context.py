@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from btlm.eval.common import (
-    EvalError, ScalingSetting, apply_scaling, load_for_context, parse_scaling, save_figure_atomic, write_atomic,
+    EvalError, ScalingSetting, apply_scaling, load_for_context,
+    model_label, parse_scaling, save_figure_atomic, write_atomic,
 )
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst")
@@ -195,7 +196,7 @@ def plot_curves(path: Path, curves: dict[str, np.ndarray], meta: dict) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("token position")
     ax.set_ylabel("loss (nats / token)")
-    ax.set_title(f"{Path(meta['model']).name}: loss by position, {meta['num_windows']} window(s) of {meta['context']} tokens")
+    ax.set_title(f"{model_label(meta['model'])}: loss by position, {meta['num_windows']} window(s) of {meta['context']} tokens")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     save_figure_atomic(fig, path)

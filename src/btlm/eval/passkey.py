@@ -24,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from btlm.eval.common import (
-    EvalError, apply_scaling, load_for_context, parse_lengths, parse_scaling, save_figure_atomic, write_atomic,
+    EvalError, apply_scaling, load_for_context, model_label,
+    parse_lengths, parse_scaling, save_figure_atomic, write_atomic,
 )
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -153,7 +154,7 @@ def plot_heatmap(path: Path, lengths, depths, acc, meta: dict) -> None:
             ax.text(j, i, f"{100 * acc[i, j]:.0f}%", ha="center", va="center", fontsize=9)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("passkey depth")
-    ax.set_title(f"passkey accuracy: {Path(meta['model']).name}, {meta['alibi_scaling']}")
+    ax.set_title(f"passkey accuracy: {model_label(meta['model'])}, {meta['alibi_scaling']}")
     fig.colorbar(image, ax=ax, label="accuracy")
     save_figure_atomic(fig, path)
     plt.close(fig)
