@@ -217,6 +217,17 @@ def test_jais_forward_from_gguf_matches_model(exported, model, ids):
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_llama_cpp_itself_computes_the_model_logits(workdir, model_dir, model, ids):
+    """Where llama-cpp-python is installed (it is not a dependency: it compiles llama.cpp for ~13 minutes),
+    llama.cpp loads the exported file through its JAIS architecture and reproduces the model's logits."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path = export_gguf(model_dir, workdir / "m-llama.gguf", outtype="f32", progress=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
+    llm.eval(ids[0].tolist())
+    got = np.array(llm.scores[: ids.shape[1]], dtype=np.float64)
+    np.testing.assert_allclose(got, model_logits(model, ids), atol=1e-3, rtol=1e-3)
+
+
 def test_bin_checkpoint_non_power_of_two_heads_dynamic_alibi_scaling(workdir, caplog, monkeypatch):
     """A ``pytorch_model.bin`` (with the tied ``lm_head.weight`` and a legacy ``attn.bias`` buffer) and no
     tokenizer files; 6 heads (llama.cpp's m1 slopes for heads past n'=4); another FFN width and padding; and

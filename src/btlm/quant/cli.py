@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -41,23 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_btlm_dir(path: Path) -> None:
-    """Raise :class:`QuantizationError` unless ``path`` holds an unquantised BTLM checkpoint."""
-    config_file = path / "config.json"
-    if not path.is_dir():
-        raise QuantizationError(f"model directory {path} does not exist")
-    if not config_file.is_file():
-        raise QuantizationError(f"{path} has no config.json: expected a BTLM model directory")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise QuantizationError(f"{config_file} is not valid JSON: {e}") from None
-    if config.get("model_type") != "btlm":
-        raise QuantizationError(f"{config_file} has model_type {config.get('model_type')!r}; expected 'btlm'")
-    if config.get("quantization_config"):
-        raise QuantizationError(f"{path} is already quantised (config.json has a quantization_config)")
-
-
 def quantize_dir(model_dir, out_dir, bits: int = 4, group_size: int = 128, embedding_bits: int | None = 8,
                  dtype: str = "fp32") -> Path:
     """Load ``model_dir``, quantise it layer by layer and write it (+ tokenizer) to ``out_dir``."""
@@ -67,12 +49,12 @@ def quantize_dir(model_dir, out_dir, bits: int = 4, group_size: int = 128, embed
     from btlm.tokenizer import load_tokenizer
 
     from . import save_quantized
-    from .config import BTLMQuantConfig
+    from .config import BTLMQuantConfig, read_unquantized_btlm_config
     from .quantize import cast_unquantized, quantize_model
 
     BTLMQuantConfig(bits=bits, group_size=group_size, embedding_bits=embedding_bits)  # validate before loading
     model_dir = Path(model_dir)
-    check_btlm_dir(model_dir)
+    read_unquantized_btlm_config(model_dir, quantized_hint="quantise from the unquantised model directory")
     model = load_model(model_dir)  # in the checkpoint's dtype: bf16 for the release, no fp32 copy of 3B
     with torch.no_grad():
         quantize_model(model, bits=bits, group_size=group_size, embedding_bits=embedding_bits)

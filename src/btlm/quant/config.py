@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .packing import QuantizationError, check_settings
@@ -33,3 +36,30 @@ class BTLMQuantConfig(QuantizationConfigMixin):
             raise QuantizationError(
                 f"quantization_config format_version {self.format_version} is not supported (expected {FORMAT_VERSION})"
             )
+
+
+def read_unquantized_btlm_config(path, error: type[Exception] = QuantizationError, quantized_hint: str = "") -> dict:
+    """``config.json`` of the unquantised BTLM model directory ``path`` as a dict, or ``error`` naming what is
+    wrong: a missing directory, a file, no or invalid ``config.json``, another ``model_type``, or an already
+    quantised directory (``quantized_hint`` says what to do instead). Shared by ``btlm quantize`` and
+    ``btlm export-gguf``, which both need the full-precision weights."""
+    path = Path(path)
+    if not path.exists():
+        raise error(f"model directory {path} does not exist (this reads a local directory; download a hub "
+                    "model first, e.g. with `huggingface-cli download`)")
+    if not path.is_dir():
+        raise error(f"{path} is a file; expected a BTLM model directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise error(f"{path} has no config.json: expected a BTLM model directory (Hugging Face layout)")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{config_file} is not valid JSON: {e}") from None
+    if raw.get("model_type") != "btlm":
+        raise error(f"{config_file} has model_type {raw.get('model_type')!r}; expected 'btlm' (not a BTLM model)")
+    if raw.get("quantization_config"):
+        method = (raw["quantization_config"] or {}).get("quant_method")
+        raise error(f"{path} is already quantised (quantization_config.quant_method {method!r})"
+                    + (f"; {quantized_hint}" if quantized_hint else ""))
+    return raw

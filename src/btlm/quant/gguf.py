@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import os
@@ -136,32 +135,17 @@ class _Checkpoint:
 
 def _read_config(model_dir: Path):
     """Load and validate ``config.json`` as a BTLM config that llama.cpp's JAIS graph can compute."""
-    if not model_dir.exists():
-        raise GGUFExportError(f"model directory {model_dir} does not exist (export-gguf reads a local directory; "
-                              "download a hub model first, e.g. with `huggingface-cli download`)")
-    if not model_dir.is_dir():
-        raise GGUFExportError(f"{model_dir} is a file; expected a BTLM model directory")
-    config_file = model_dir / "config.json"
-    if not config_file.is_file():
-        raise GGUFExportError(f"{model_dir} has no config.json: it is not a Hugging Face model directory")
-    try:
-        raw = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise GGUFExportError(f"{config_file} is not valid JSON: {e}") from None
-    if raw.get("model_type") != "btlm":
-        raise GGUFExportError(f"{config_file} has model_type {raw.get('model_type')!r}; expected 'btlm' (not a BTLM model)")
-    if raw.get("quantization_config"):
-        method = (raw["quantization_config"] or {}).get("quant_method")
-        raise GGUFExportError(
-            f"{model_dir} is already quantised (quantization_config.quant_method {method!r}); GGUF needs the "
-            "unquantised weights: export from the fp32/bf16 model directory and pick --outtype q8_0/q4_0 instead"
-        )
+    from .config import read_unquantized_btlm_config
+
+    read_unquantized_btlm_config(
+        model_dir, GGUFExportError, quantized_hint="GGUF needs the unquantised weights: export from the fp32/bf16 "
+        "model directory and pick --outtype q8_0/q4_0 instead")
     from btlm.model import BTLMConfig
 
     try:
         config = BTLMConfig.from_pretrained(str(model_dir))
     except Exception as e:  # noqa: BLE001 - surface any config error with the path
-        raise GGUFExportError(f"{config_file} is not a valid BTLM config: {e}") from None
+        raise GGUFExportError(f"{model_dir / 'config.json'} is not a valid BTLM config: {e}") from None
 
     problems = []
     if config.activation_function != "swiglu":
