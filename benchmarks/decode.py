@@ -33,11 +33,66 @@ ROWS = {
     "bf16": ("bf16", "sdpa", "bf16 (btlm)"),
     "int8": ("int8", "sdpa", "int8 weight-only (btlm quantize --bits 8)"),
     "int4": ("int4", "sdpa", "int4 g128 weight-only (btlm quantize --bits 4)"),
+    "llamacpp": ("fp32", "llama.cpp", "llama.cpp Q4_0, JAIS architecture (btlm export-gguf --outtype q4_0; peer)"),
 }
+
+
+def linears_seconds(model, repeats: int) -> float:
+    """Best-of-``repeats`` seconds that one decode step spends in the weight matmuls alone: every block
+    linear and the LM head applied to one random row, with nothing else (attention, norms, cache, Python
+    overhead of the model). Decode tok/s can at best reach 1 / this with these kernels."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    from btlm.quant.modules import Int4Conv1D, Int8Conv1D, TiedInt8Head
+
+    def in_width(m) -> int:
+        if isinstance(m, Conv1D):
+            return m.weight.shape[0]
+        if isinstance(m, TiedInt8Head):
+            return m.embedding.embedding_dim
+        return m.in_features
+
+    mods = [m for m in model.modules() if isinstance(m, (Conv1D, Int4Conv1D, Int8Conv1D))] + [model.lm_head]
+    inputs = [torch.randn(1, 1, in_width(m), dtype=model.dtype) for m in mods]
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for m, x in zip(mods, inputs):
+                m(x)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def llamacpp_child(gguf_path: str, prompt_len: int, new_tokens: int) -> None:
+    """The same prefill + greedy decode measurement through llama-cpp-python on a GGUF file."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+
+    threads = torch.get_num_threads()
+    n_ctx = prompt_len + new_tokens + 8  # n_batch = n_ctx: llama-cpp-python keeps last-token logits in an n_batch buffer
+    llm = Llama(model_path=gguf_path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, verbose=False)
+    prompt = torch.randint(0, 50000, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    llm.eval(prompt[:8])  # warm-up, as for the btlm rows
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    decode_s = time.perf_counter() - t0
+    print(json.dumps(dict(prefill_tok_s=prompt_len / prefill_s, decode_tok_s=new_tokens / decode_s,
+                          linears_tok_s=None, weight_bytes=os.path.getsize(gguf_path), threads=threads)))
 
 
 def child(path: str, variant: str, attn: str, prompt_len: int, new_tokens: int) -> None:
     import torch
+
+    if attn == "llama.cpp":
+        return llamacpp_child(path, prompt_len, new_tokens)
 
     from btlm.quant.benchutil import load_for_benchmark, weight_bytes
 
@@ -55,8 +110,24 @@ def child(path: str, variant: str, attn: str, prompt_len: int, new_tokens: int) 
             out = model(token, past_key_values=cache, use_cache=True)
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         decode_s = time.perf_counter() - t0
+    linears_s = linears_seconds(model, repeats=1 if variant == "bf16" else 5)
     print(json.dumps(dict(prefill_tok_s=prompt_len / prefill_s, decode_tok_s=new_tokens / decode_s,
+                          linears_tok_s=1 / linears_s,
                           weight_bytes=weight_bytes(model), threads=torch.get_num_threads())))
+
+
+def ensure_gguf(fp32_dir: Path, preset: str) -> Path | None:
+    """The Q4_0 GGUF of the random checkpoint for the llama.cpp row (written once), or None without llama_cpp."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    from btlm.quant.gguf import export_gguf
+
+    path = Path(fp32_dir).parent / f"{preset}-q4_0.gguf"
+    if not path.is_file():
+        export_gguf(fp32_dir, path, outtype="q4_0")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--bf16-new-tokens", type=int, default=2,
                    help="decode steps timed for bf16 (default 2: a bf16 Conv1D decode step of the 3B model takes ~1 minute on AVX2)")
+    p.add_argument("--bf16-prompt-len", type=int, default=8,
+                   help="prompt length for bf16 (default 8: bf16 matmuls run at ~0.3 GFLOP/s on AVX2, so a 128-token "
+                        "3B prefill would take ~30 minutes)")
     p.add_argument("--reuse", action="store_true",
                    help="reuse rows measured by an earlier run with the same settings (kept in --workdir)")
     p.add_argument("--preset", default="3b", help="model shape (3b; small for a quick check)")
@@ -92,15 +166,23 @@ def main(argv: list[str] | None = None) -> int:
         variant, attn, label = ROWS[r]
         print(f"measuring {r} …", file=sys.stderr, flush=True)
         steps = args.bf16_new_tokens if variant == "bf16" else args.new_tokens
-        cached = (args.workdir or DEFAULT_WORKDIR) / f"decode-{args.preset}-{r}-{args.prompt_len}-{steps}.json"
+        prompt_len = args.bf16_prompt_len if variant == "bf16" else args.prompt_len
+        cached = (args.workdir or DEFAULT_WORKDIR) / f"decode-{args.preset}-{r}-{prompt_len}-{steps}.json"
         if args.reuse and cached.is_file():
             results.append(dict(json.loads(cached.read_text()), reused=True))
             continue
-        res = run_child(__file__, dirs[variant], variant, attn, args.prompt_len, steps)
+        path = dirs[variant]
+        if r == "llamacpp":
+            path = ensure_gguf(dirs[variant], args.preset)
+            if path is None:
+                print("llama.cpp: llama_cpp (pip install llama-cpp-python) is not importable; row skipped",
+                      file=sys.stderr)
+                continue
+        res = run_child(__file__, path, variant, attn, prompt_len, steps)
         if "error" in res:
             print(f"error: {r}: {res['error']}", file=sys.stderr)
             return 1
-        res.update(row=r, label=label, steps=steps)
+        res.update(row=r, label=label, steps=steps, prompt_len=prompt_len)
         cached.write_text(json.dumps(res))
         results.append(res)
         print(json.dumps(res), file=sys.stderr)
@@ -110,27 +192,37 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"## Decode speed: BTLM-3B shape on this CPU ({results[0]['threads']} threads)",
         "",
-        f"Prompt {args.prompt_len} tokens (prefill, one forward), then {args.new_tokens} greedy decode steps with the "
+        f"Prompt {args.prompt_len} tokens (prefill, one forward; bf16: {args.bf16_prompt_len}), then {args.new_tokens} "
+        f"greedy decode steps (bf16: {args.bf16_new_tokens}) with the "
         "KV cache; random weights of the released shape, loaded with `from_pretrained` in a fresh process each. "
         f"Roofline = measured memory-read bandwidth ({bandwidth:.1f} GB/s before the runs, {bandwidth_after:.1f} "
         "GB/s after) / bytes of weights read per decoded token.",
         "",
-        "| variant | weights read / token | prefill tok/s | decode tok/s (steps timed) | decode roofline tok/s | fraction of roofline |",
-        "|---|---|---|---|---|---|",
+        "| variant | weights read / token | prefill tok/s (prompt tokens) | decode tok/s (steps timed) | decode roofline tok/s | "
+        "fraction of roofline | linears alone tok/s | decode / linears alone |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
         res["roofline"] = bandwidth * 1e9 / res["weight_bytes"]
-        lines.append(f"| {res['label']} | {res['weight_bytes'] / 1e9:.2f} GB | {res['prefill_tok_s']:.2f} | "
-                     f"{res['decode_tok_s']:.2f} ({res['steps']}) | {res['roofline']:.2f} | {res['decode_tok_s'] / res['roofline']:.0%} |")
+        lines.append(f"| {res['label']} | {res['weight_bytes'] / 1e9:.2f} GB | {res['prefill_tok_s']:.2f} ({res.get('prompt_len', args.prompt_len)}) | "
+                     f"{res['decode_tok_s']:.2f} ({res['steps']}) | {res['roofline']:.2f} | {res['decode_tok_s'] / res['roofline']:.0%} | "
+                     + (f"{res['linears_tok_s']:.2f} | {res['decode_tok_s'] / res['linears_tok_s']:.0%} |"
+                        if res.get("linears_tok_s") else "— | — |"))
+    lines += ["", "'Linears alone' times only the weight matmuls of one decode step (every block linear and the LM head on "
+                  "one row, best of 5; 1 for bf16): the kernels' own limit, so 'decode / linears alone' is the share of the "
+                  "step spent in them and the linears' tok/s over the roofline is the kernels' bandwidth fraction."]
     reused = [res["row"] for res in results if res.get("reused")]
     if reused:
         lines += ["", f"Rows {', '.join(reused)} were measured by an earlier invocation with the same settings (`--reuse`); "
                       "the bandwidth above is this invocation's."]
-    lines += ["", "llama.cpp: not installed on this machine (see docs/quant.md); machine_facts.md reports Q4_0 with the "
-                  "FFN padded to 6912 at 8.8 tok/s prefill / 5.4 tok/s decode on the same 2-core CPU (not measured in this run).",
+    if not any(res["row"] == "llamacpp" for res in results):
+        lines += ["", "llama.cpp: not installed on this machine (`pip install llama-cpp-python` enables the `llamacpp` row); "
+                      "machine_facts.md reports Q4_0 with the FFN padded to 6912 at 8.8 tok/s prefill / 5.4 tok/s decode "
+                      "on the same 2-core CPU (not measured in this run)."]
+    lines += [
               "", f"Command: `{'OMP_WAIT_POLICY=' + policy + ' ' if policy else ''}python benchmarks/decode.py "
                   f"--preset {args.preset} --variants {args.variants} --prompt-len {args.prompt_len} "
-                  f"--new-tokens {args.new_tokens} --bf16-new-tokens {args.bf16_new_tokens}{' --reuse' if args.reuse else ''}` (2-core AVX2 CPU shared with other jobs; load average "
+                  f"--new-tokens {args.new_tokens} --bf16-new-tokens {args.bf16_new_tokens} --bf16-prompt-len {args.bf16_prompt_len}{' --reuse' if args.reuse else ''}` (2-core AVX2 CPU shared with other jobs; load average "
                   f"{load_average()} at the end).", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
