@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown variants {unknown}; choose from {list(ROWS)}", file=sys.stderr)
         return 2
 
-    from btlm.quant.benchutil import DEFAULT_WORKDIR, ensure_checkpoints, load_average, memory_read_bandwidth, run_child
+    from btlm.quant.benchutil import (DEFAULT_WORKDIR, ensure_checkpoints, load_average, memory_read_bandwidth,
+                                      run_child, write_result)
 
     dirs = ensure_checkpoints(args.workdir or DEFAULT_WORKDIR, sorted({ROWS[r][0] for r in rows}), preset=args.preset)
     bandwidth = memory_read_bandwidth()
@@ -224,11 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"--preset {args.preset} --variants {args.variants} --prompt-len {args.prompt_len} "
                   f"--new-tokens {args.new_tokens} --bf16-new-tokens {args.bf16_new_tokens} --bf16-prompt-len {args.bf16_prompt_len}{' --reuse' if args.reuse else ''}` (2-core AVX2 CPU shared with other jobs; load average "
                   f"{load_average()} at the end).", ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(args.out)
-    print("\n".join(lines))
+    write_result(args.out, lines)
     return 0
 
 

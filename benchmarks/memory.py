@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "memory.md")
     args = p.parse_args(argv)
 
-    from btlm.quant.benchutil import DEFAULT_WORKDIR, ensure_checkpoints, load_average, run_child
+    from btlm.quant.benchutil import DEFAULT_WORKDIR, ensure_checkpoints, load_average, run_child, write_result
 
     variants = args.variants.split(",")
     workdir = args.workdir or DEFAULT_WORKDIR
@@ -162,11 +162,7 @@ def main(argv: list[str] | None = None) -> int:
               f"Command: `{_env_prefix()}python benchmarks/memory.py --preset {args.preset} --variants {args.variants} --new-tokens {args.new_tokens} --bf16-new-tokens {args.bf16_new_tokens}{' --reuse' if args.reuse else ''}` "
               f"(2-core AVX2 CPU, 24 GiB RAM, torch {__import__('torch').__version__}; load average during the run "
               f"{load_average()}, shared machine).", ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(args.out)
-    print("\n".join(lines))
+    write_result(args.out, lines)
     return 0
 
 

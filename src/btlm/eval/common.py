@@ -7,6 +7,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from btlm.model.model import validate_alibi_scaling
 
 
@@ -71,18 +73,28 @@ def parse_lengths(text: str) -> list[int]:
     return lengths
 
 
+def add_model_arguments(parser) -> None:
+    """The ``--model``, ``--out``, ``--dtype`` and ``--device`` options shared by ``btlm eval-long`` and
+    ``btlm passkey``."""
+    parser.add_argument("--model", required=True, help="model directory (released HF layout)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, … (default: cuda if available)")
+
+
 def load_for_context(model_path: str, context: int, dtype=None, device=None):
     """Load a model whose ``n_positions`` admits ``context`` tokens; returns ``(model, trained_n_positions)``.
 
     Raising ``n_positions`` is how BTLM runs past its training length (ALiBi has no position table); the
     scaling setting is switched later on the loaded model (see :func:`apply_scaling`), so the weights are
-    loaded once for all settings.
+    loaded once for all settings. ``device`` None means CUDA when available, else CPU.
     """
     from btlm.inference import load_model
     from btlm.model import BTLMConfig
 
     trained = BTLMConfig.from_pretrained(model_path).n_positions if Path(model_path, "config.json").is_file() else None
     overrides = {"n_positions": max(context, trained or 0)}
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(model_path, dtype=dtype, device=device, **overrides)
     return model, trained
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from btlm.eval.common import (
-    EvalError, ScalingSetting, apply_scaling, load_for_context,
+    EvalError, ScalingSetting, add_model_arguments, apply_scaling, load_for_context,
     model_label, parse_scaling, save_figure_atomic, write_atomic,
 )
 
@@ -211,16 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Average loss at every token position over windows of --context tokens, for each ALiBi scaling "
         "setting, written as loss_by_position.csv / .json / .png in --out (the model card's Figure 5). "
         "n_positions is raised to --context automatically."))
-    p.add_argument("--model", required=True, help="model directory (released HF layout)")
+    add_model_arguments(p)
     p.add_argument("--data", required=True, help="btlm data .h5 shard or directory of shards, or .txt / .jsonl file(s)")
     p.add_argument("--context", type=int, default=32768, help="window length in tokens (default 32768)")
     p.add_argument("--alibi-scaling", nargs="+", default=["none"], metavar="SETTING",
                    help="one or more of: none | fixed:F (divide slopes by F) | dynamic:L (divide by K/L past L "
                         "tokens, L = training length, e.g. dynamic:8192). Default: none")
     p.add_argument("--num-docs", type=int, default=8, help="number of windows to average over (default 8)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32)")
-    p.add_argument("--device", default=None, help="cpu, cuda, … (default: cuda if available)")
     p.add_argument("--logits-chunk", type=int, default=1024, help="positions per logits chunk (memory bound)")
     return p
 
@@ -236,8 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         if len({s.label for s in settings}) != len(settings):
             raise EvalError(f"--alibi-scaling lists a setting twice: {args.alibi_scaling}")
         windows = load_windows(args.data, args.context, args.num_docs)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, trained = load_for_context(args.model, args.context, dtype=args.dtype, device=device)
+        model, trained = load_for_context(args.model, args.context, dtype=args.dtype, device=args.device)
         if int(windows.max()) >= model.config.vocab_size:
             raise EvalError(f"--data {args.data} has token id {int(windows.max())} >= the model's vocab_size "
                             f"{model.config.vocab_size}")

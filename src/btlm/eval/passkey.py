@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from btlm.eval.common import (
-    EvalError, apply_scaling, load_for_context, model_label,
+    EvalError, add_model_arguments, apply_scaling, load_for_context, model_label,
     parse_lengths, parse_scaling, save_figure_atomic, write_atomic,
 )
 
@@ -175,15 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Passkey retrieval: a 5-digit key hidden at several depths of filler text, answered by greedy "
         "generation. Writes passkey.csv (per trial), passkey.md (accuracy table), passkey.json and a "
         "heat map passkey.png to --out. Deterministic for a --seed."))
-    p.add_argument("--model", required=True, help="model directory (released HF layout)")
+    add_model_arguments(p)
     p.add_argument("--lengths", default="1k,2k,4k,8k", help="prompt lengths in tokens, e.g. 1k,2k,4k,8k,16k")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="relative needle depths in [0, 1]")
     p.add_argument("--trials", type=int, default=5, help="prompts (different keys) per length and depth")
     p.add_argument("--alibi-scaling", default="none", help="none | fixed:F | dynamic:L (see btlm eval-long)")
     p.add_argument("--seed", type=int, default=0, help="seed of the passkeys")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
-    p.add_argument("--device", default=None, help="cpu, cuda, … (default: cuda if available)")
     return p
 
 
@@ -199,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         setting = parse_scaling(args.alibi_scaling)
         tokenizer = load_tokenizer(args.model) if Path(args.model, "tokenizer_config.json").is_file() else load_tokenizer()
         trials = make_trials(tokenizer, lengths, depths, args.trials, args.seed)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, trained = load_for_context(args.model, max(lengths) + 16, dtype=args.dtype, device=device)
+        model, trained = load_for_context(args.model, max(lengths) + 16, dtype=args.dtype, device=args.device)
         apply_scaling(model, setting)
         rows = run_trials(model, tokenizer, trials)
         meta = {"model": str(args.model), "alibi_scaling": setting.label, "trials": args.trials, "seed": args.seed,

@@ -66,3 +66,12 @@ def memory_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 
 def load_average() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def write_result(path: Path, lines: list[str]) -> None:
+    """Write a benchmark's Markdown result atomically (temp file + rename) and echo it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    print("\n".join(lines))
