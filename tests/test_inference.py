@@ -42,6 +42,13 @@ def test_model_card_snippets_run_as_written(model_dir):
     assert out.startswith("Isaac Newton was a ")
 
 
+def test_static_cache_is_refused_with_a_clear_error():
+    model = make_model().eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    with pytest.raises(NotImplementedError, match="DynamicCache"):
+        model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_cached_greedy_equals_uncached(attn):
     model = make_model(attn, vocab_size=50257)

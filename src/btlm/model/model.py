@@ -497,6 +497,12 @@ class BTLMModel(BTLMPreTrainedModel):
             use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
+        if past_key_values is not None and past_key_values.is_compileable:
+            # Static (pre-allocated) caches return max_cache_len keys per layer, which the ALiBi bias and the
+            # dynamic-interpolation length K would have to mask and count differently; not implemented.
+            raise NotImplementedError(
+                f"BTLM supports growing caches (DynamicCache, the default) only, not {type(past_key_values).__name__}; "
+                "drop cache_implementation='static' from generate()")
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         B, T = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
         self._check_inputs(input_ids, past_length, T)
