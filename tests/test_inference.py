@@ -42,11 +42,20 @@ def test_model_card_snippets_run_as_written(model_dir):
     assert out.startswith("Isaac Newton was a ")
 
 
-def test_static_cache_is_refused_with_a_clear_error():
-    model = make_model().eval()
-    ids = torch.randint(0, model.config.vocab_size, (1, 5))
-    with pytest.raises(NotImplementedError, match="DynamicCache"):
-        model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_static_cache_generation_equals_dynamic(attn):
+    """``cache_implementation="static"`` (pre-allocated, the torch.compile route): same tokens and scores as the
+    default dynamic cache, for greedy and beam search and with left padding."""
+    model = make_model(attn, vocab_size=50257)
+    tok = load_tokenizer()
+    tok.pad_token, tok.padding_side = tok.eos_token, "left"
+    batch = tok(["The quick brown fox jumps over", "Hi"], return_tensors="pt", padding=True)
+    for kw in (dict(do_sample=False), dict(num_beams=3, do_sample=False)):
+        kw.update(max_new_tokens=7, pad_token_id=50256, output_scores=True, return_dict_in_generate=True)
+        dynamic = model.generate(**batch, **kw)
+        static = model.generate(**batch, cache_implementation="static", **kw)
+        assert torch.equal(static.sequences, dynamic.sequences)
+        torch.testing.assert_close(torch.stack(static.scores), torch.stack(dynamic.scores), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -141,5 +150,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     peak_mib = int(res.stdout.strip().splitlines()[-1])
-    # a materialised fp32 [4, 32768, 32768] bias alone would be 16 GiB
-    assert peak_mib < 2500, f"peak RSS {peak_mib} MiB"
+    # A materialised fp32 [4, 32768, 32768] bias alone would be 16 GiB. The bound is loose on purpose: the chunk
+    # loop allocates ever wider [chunk, keys] blocks, and whether glibc serves them from the heap (after its
+    # dynamic mmap threshold has risen) or from mmap varies run to run: peak 0.85 or ~2.5 GiB for this model
+    # (with MALLOC_MMAP_THRESHOLD_=1048576 it is 0.84 GiB every time).
+    assert peak_mib < 4096, f"peak RSS {peak_mib} MiB"

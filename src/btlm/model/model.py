@@ -261,6 +261,8 @@ class BTLMAttention(nn.Module):
             # The cached K/V are used as given (never recomputed): with dynamic interpolation this is
             # what makes cached decoding depend on history, exactly as in the original (§c.7).
             k, v = past_key_values.update(k, v, self.layer_idx)
+            # A static (pre-allocated) cache returns all its max_cache_len slots; the first K are filled.
+            k, v = k[:, :, : attn_context["key_length"]], v[:, :, : attn_context["key_length"]]
         if self.config._attn_implementation == "eager":
             out = self._eager(q, k, v, attn_context)
         else:
@@ -497,13 +499,8 @@ class BTLMModel(BTLMPreTrainedModel):
             use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        if past_key_values is not None and past_key_values.is_compileable:
-            # Static (pre-allocated) caches return max_cache_len keys per layer, which the ALiBi bias and the
-            # dynamic-interpolation length K would have to mask and count differently; not implemented.
-            raise NotImplementedError(
-                f"BTLM supports growing caches (DynamicCache, the default) only, not {type(past_key_values).__name__}; "
-                "drop cache_implementation='static' from generate()")
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        # int(): a static cache reports its fill level as a tensor
+        past_length = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
         B, T = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
         self._check_inputs(input_ids, past_length, T)
 
@@ -523,6 +520,7 @@ class BTLMModel(BTLMPreTrainedModel):
             if bool(attention_mask.all()):
                 attention_mask = None  # nothing padded: skip the mask work
         attn_context = dict(
+            key_length=K,
             key_mask=attention_mask,
             alibi=self.relative_pe,
             divisor=alibi_divisor(self.config.alibi_scaling, K),  # one divisor for the whole forward (§c.2)
@@ -538,6 +536,12 @@ class BTLMLMHeadModel(BTLMPreTrainedModel, GenerationMixin):
     """BTLM with the tied LM head; logits × ``mup_output_alpha·mup_width_scale`` (§c.4)."""
 
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    @staticmethod
+    def create_masks_for_generate(attention_mask=None, **kwargs):
+        """Keep the 2-D padding mask when ``generate`` uses a static cache (it would build a 4-D causal mask
+        over the whole pre-allocated cache): the attention builds its causal + ALiBi bias itself."""
+        return attention_mask
 
     def __init__(self, config: BTLMConfig):
         super().__init__(config)
