@@ -144,11 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16-prompt-len", type=int, default=8,
                    help="prompt length for bf16 (default 8: bf16 matmuls run at ~0.3 GFLOP/s on AVX2, so a 128-token "
                         "3B prefill would take ~30 minutes)")
-    p.add_argument("--reuse", action="store_true",
-                   help="reuse rows measured by an earlier run with the same settings (kept in --workdir)")
-    p.add_argument("--preset", default="3b", help="model shape (3b; small for a quick check)")
-    p.add_argument("--workdir", type=Path, default=None, help="where the random checkpoints are kept")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode.md")
+    from btlm.quant.benchutil import add_checkpoint_arguments
+
+    add_checkpoint_arguments(p, Path(__file__).parent / "results" / "decode.md")
     args = p.parse_args(argv)
     rows = args.variants.split(",")
     unknown = [r for r in rows if r not in ROWS]

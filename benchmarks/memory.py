@@ -100,11 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16-new-tokens", type=int, default=8,
                    help="tokens generated for bf16 (default 8): bf16 Conv1D matmuls run at ~0.05 tok/s on AVX2, "
                         "and the 120 tokens left out add only ~40 MB of KV cache")
-    p.add_argument("--reuse", action="store_true",
-                   help="reuse rows measured by an earlier run with the same settings (kept in --workdir)")
-    p.add_argument("--preset", default="3b", help="model shape (3b; small/tiny for a quick check)")
-    p.add_argument("--workdir", type=Path, default=None, help="where the random checkpoints are kept")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "memory.md")
+    from btlm.quant.benchutil import add_checkpoint_arguments
+
+    add_checkpoint_arguments(p, Path(__file__).parent / "results" / "memory.md")
     args = p.parse_args(argv)
 
     from btlm.quant.benchutil import DEFAULT_WORKDIR, ensure_checkpoints, load_average, run_child, write_result

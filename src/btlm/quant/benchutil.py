@@ -17,6 +17,16 @@ DEFAULT_WORKDIR = Path(os.environ.get("BTLM_BENCH_DIR", "/tmp/btlm-bench"))
 LOAD_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "int8": "auto", "int4": "auto"}
 
 
+def add_checkpoint_arguments(parser, default_out: Path) -> None:
+    """``--reuse``, ``--preset``, ``--workdir`` and ``--out``, shared by the benchmarks that run on the random
+    3B checkpoints."""
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse rows measured by an earlier run with the same settings (kept in --workdir)")
+    parser.add_argument("--preset", default="3b", help="model shape (3b; small/tiny for a quick check)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where the random checkpoints are kept")
+    parser.add_argument("--out", type=Path, default=default_out, help=f"result file (default {default_out})")
+
+
 def ensure_checkpoints(workdir: Path, variants, preset: str = "3b") -> dict[str, Path]:
     """Random-weight checkpoints ``workdir/<preset>-<variant>`` (written once, reused by later runs)."""
     from .synthetic import write_random_checkpoint
