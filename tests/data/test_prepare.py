@@ -229,3 +229,30 @@ def test_gpt2_vocab_files_load_like_tiktoken(tmp_path):
     (tmp_path / "bad.bpe").write_text("\n".join(lines), encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.bpe.*merge 1 .* does not match encoder id 256"):
         prepare(d, tmp_path / "o2", vocab_file=str(tmp_path / "bad.bpe"), encoder_file=encoder)
+
+
+def test_empty_and_whitespace_documents_follow_model_zoo(tmp_path):
+    """The Model Zoo's LMData tokenizes every document and appends EOS: "" is a lone EOS, " " is 220 + EOS,
+    "\\n" is 198 + EOS. The streams here are written out by hand (GPT-2 ids: "a" = 64, EOS = 50256)."""
+    E = EOS_ID
+    assert E == 50256
+    docs = ["a", "", " ", "\n", "a", "", ""]
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    p = prepare(tmp_path, tmp_path / "o", max_seq_length=4, min_sequence_len=2)
+    stream = [64, E, E, 220, E, 198, E, 64, E, E, E]
+    rows = read_rows(tmp_path / "o")
+    # windows of msl+1 = 5 tokens with stride 4; the last, partial window [E, E, E] is kept and padded
+    assert rows[:, 0].tolist() == [[64, E, E, 220], [E, 198, E, 64], [E, E, E, E]]
+    assert rows[:, 2].tolist() == [[E, E, 220, E], [198, E, 64, E], [E, E, E, E]]
+    assert rows[:, 1].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]]
+    assert stream_of(rows) == stream
+    pp = p["post-process"]
+    assert pp["documents"] == 7 and pp["empty_or_whitespace_documents"] == 5 and pp["discarded"] == {}
+    assert pp["tokens"] == len(stream) and pp["tokens_dropped"] == 0
+
+    # Without packing each document is its own row; a lone EOS has no label and is dropped (as in the
+    # Model Zoo, which counts it as a discarded file): only "a" rows and the " " / "\n" rows remain.
+    p = prepare(tmp_path, tmp_path / "nopack", max_seq_length=4, pack_sequences=False, min_sequence_len=2)
+    rows = read_rows(tmp_path / "nopack")
+    assert rows[:, 0, 0].tolist() == [64, 220, 198, 64] and rows[:, 1].sum(axis=1).tolist() == [1, 1, 1, 1]
+    assert p["post-process"]["discarded"] == {"short_document": 3}
