@@ -29,8 +29,8 @@ _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm
 
 
 def _is_frozen(name: str, param: nn.Parameter) -> bool:
-    # The released checkpoint stores ALiBi slopes as a Parameter that comes back with
-    # requires_grad=True after from_pretrained (machine_facts.md), so exclude it by name too.
+    # The model keeps the ALiBi slopes frozen (also after from_pretrained); excluded by name too, so a
+    # model whose slopes were unfrozen by hand still gets Model Zoo's groups.
     return not param.requires_grad or name.endswith("relative_pe.slopes")
 
 
