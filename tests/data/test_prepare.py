@@ -256,3 +256,43 @@ def test_empty_and_whitespace_documents_follow_model_zoo(tmp_path):
     rows = read_rows(tmp_path / "nopack")
     assert rows[:, 0, 0].tolist() == [64, 220, 198, 64] and rows[:, 1].sum(axis=1).tolist() == [1, 1, 1, 1]
     assert p["post-process"]["discarded"] == {"short_document": 3}
+
+
+def _model_zoo_lmdata_rows(docs: list[str], msl: int, min_len: int) -> tuple[np.ndarray, list[int]]:
+    """Model Zoo R2.0.2 ``LMData`` in one process with short_seq_prob 0 (``tokenize_text_auto_lm`` +
+    ``create_features_auto_lm``): per document ``prefix + encode(text) + [eos]`` cut into msl+1 windows
+    with stride msl; the last window, if short, is the next prefix; the final prefix is dropped (returned
+    as the second value)."""
+    from btlm.tokenizer import tiktoken_encoding
+
+    enc, prefix, rows = tiktoken_encoding(), [], []
+    for text in docs:
+        all_text = prefix + enc.encode_ordinary(text) + [EOS_ID]
+        chunks = [all_text[i: i + msl + 1] for i in range(0, len(all_text), msl)]
+        prefix = chunks.pop(-1) if len(chunks[-1]) < msl + 1 else []
+        for c in chunks:
+            if len(c) < min_len:
+                continue
+            rows.append(np.stack([c[:-1], [1] * msl, c[1:]]))
+    return np.array(rows, dtype=np.int32), prefix
+
+
+@pytest.mark.parametrize("msl", [7, 9, 32])
+def test_rows_are_model_zoo_rows_plus_the_tail_it_drops(tmp_path, msl):
+    """Document for document the Model Zoo's stream, empty and whitespace-only documents included: btlm's
+    rows are exactly its rows, followed by the one padded row of the final partial window it drops."""
+    docs = make_docs(60, seed=4, max_words=30)
+    for i, odd in zip((3, 10, 11, 25, 40), ("", " ", "\n", "", "\n\n  \t")):
+        docs.insert(i, odd)
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    prepare(tmp_path, tmp_path / "o", max_seq_length=msl)
+    ours = read_rows(tmp_path / "o")
+    zoo, dropped_tail = _model_zoo_lmdata_rows(docs, msl, min_len=6)
+    np.testing.assert_array_equal(ours[: len(zoo)], zoo)
+    if len(dropped_tail) >= 6:  # btlm keeps it as one padded row (when not shorter than min_sequence_len)
+        assert len(ours) == len(zoo) + 1
+        n = len(dropped_tail) - 1
+        assert ours[-1][0][:n].tolist() == dropped_tail[:-1] and ours[-1][2][:n].tolist() == dropped_tail[1:]
+        assert ours[-1][1].tolist() == [1] * n + [0] * (msl - n)
+    else:
+        assert len(ours) == len(zoo)
