@@ -204,7 +204,8 @@ def test_saving_empty_optimizer_state_takes_no_update(kind):
     ref_model, ref_opt = model_and_opt()
     model, opt = model_and_opt()
     state = D.full_optimizer_state(model, opt)["state"]
-    assert state and all(not v.any() for st in state.values() for k, v in st.items() if k in ("exp_avg", "momentum_buffer"))
+    assert state
+    assert all(not v.any() for st in state.values() for k, v in st.items() if k in ("exp_avg", "momentum_buffer"))
     if kind == "adamw":
         assert all(float(st["beta1_power"]) == 1.0 for st in state.values())
     if kind == "adam":

@@ -228,7 +228,8 @@ def _logged_losses(summary_dir):
         for event in EventFileLoader(str(f)).Load():
             for v in event.summary.value:
                 if v.tag == "loss":
-                    out[event.step] = float(tensor_util.make_ndarray(v.tensor)) if v.HasField("tensor") else v.simple_value
+                    tensor = v.HasField("tensor")
+                    out[event.step] = float(tensor_util.make_ndarray(v.tensor)) if tensor else v.simple_value
     return out
 
 

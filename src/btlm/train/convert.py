@@ -111,7 +111,8 @@ def special_token_ids(params, tokenizer, vocab_size: int) -> dict:
     bos = getattr(tokenizer, "bos_token_id", None)
     bos = bos if bos is not None and bos < vocab_size else eos
     pad = getattr(tokenizer, "pad_token_id", None)
-    return {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad if pad is not None and pad < vocab_size else None}
+    pad = pad if pad is not None and pad < vocab_size else None
+    return {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
 
 
 def checkpoint_to_hf(checkpoint: str | Path, out_dir: str | Path, params_path: str | Path | None = None,
