@@ -88,6 +88,9 @@ def load_model(path: str | os.PathLike, dtype=None, device=None, **config_overri
 def save_model(model: BTLMLMHeadModel, out_dir: str | os.PathLike, tokenizer=None, **save_kwargs) -> Path:
     """Write ``model`` (config.json + safetensors in the released layout) and the tokenizer to ``out_dir``.
 
+    ``tokenizer``: the one to bundle (default GPT-2's), or ``False`` for none (a model whose vocabulary
+    GPT-2's ids do not fit).
+
     The files are written into a temporary sibling directory that replaces ``out_dir`` only when
     complete, so a killed process never leaves a half-written model that looks finished.
     """
@@ -96,7 +99,8 @@ def save_model(model: BTLMLMHeadModel, out_dir: str | os.PathLike, tokenizer=Non
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         model.save_pretrained(tmp, **save_kwargs)
-        save_tokenizer(tmp, tokenizer)
+        if tokenizer is not False:
+            save_tokenizer(tmp, tokenizer)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

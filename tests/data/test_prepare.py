@@ -229,3 +229,70 @@ def test_gpt2_vocab_files_load_like_tiktoken(tmp_path):
     (tmp_path / "bad.bpe").write_text("\n".join(lines), encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.bpe.*merge 1 .* does not match encoder id 256"):
         prepare(d, tmp_path / "o2", vocab_file=str(tmp_path / "bad.bpe"), encoder_file=encoder)
+
+
+def test_empty_and_whitespace_documents_follow_model_zoo(tmp_path):
+    """The Model Zoo's LMData tokenizes every document and appends EOS: "" is a lone EOS, " " is 220 + EOS,
+    "\\n" is 198 + EOS. The streams here are written out by hand (GPT-2 ids: "a" = 64, EOS = 50256)."""
+    E = EOS_ID
+    assert E == 50256
+    docs = ["a", "", " ", "\n", "a", "", ""]
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    p = prepare(tmp_path, tmp_path / "o", max_seq_length=4, min_sequence_len=2)
+    stream = [64, E, E, 220, E, 198, E, 64, E, E, E]
+    rows = read_rows(tmp_path / "o")
+    # windows of msl+1 = 5 tokens with stride 4; the last, partial window [E, E, E] is kept and padded
+    assert rows[:, 0].tolist() == [[64, E, E, 220], [E, 198, E, 64], [E, E, E, E]]
+    assert rows[:, 2].tolist() == [[E, E, 220, E], [198, E, 64, E], [E, E, E, E]]
+    assert rows[:, 1].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]]
+    assert stream_of(rows) == stream
+    pp = p["post-process"]
+    assert pp["documents"] == 7 and pp["empty_or_whitespace_documents"] == 5 and pp["discarded"] == {}
+    assert pp["tokens"] == len(stream) and pp["tokens_dropped"] == 0
+
+    # Without packing each document is its own row; a lone EOS has no label and is dropped (as in the
+    # Model Zoo, which counts it as a discarded file): only "a" rows and the " " / "\n" rows remain.
+    p = prepare(tmp_path, tmp_path / "nopack", max_seq_length=4, pack_sequences=False, min_sequence_len=2)
+    rows = read_rows(tmp_path / "nopack")
+    assert rows[:, 0, 0].tolist() == [64, 220, 198, 64] and rows[:, 1].sum(axis=1).tolist() == [1, 1, 1, 1]
+    assert p["post-process"]["discarded"] == {"short_document": 3}
+
+
+def _model_zoo_lmdata_rows(docs: list[str], msl: int, min_len: int) -> tuple[np.ndarray, list[int]]:
+    """Model Zoo R2.0.2 ``LMData`` in one process with short_seq_prob 0 (``tokenize_text_auto_lm`` +
+    ``create_features_auto_lm``): per document ``prefix + encode(text) + [eos]`` cut into msl+1 windows
+    with stride msl; the last window, if short, is the next prefix; the final prefix is dropped (returned
+    as the second value)."""
+    from btlm.tokenizer import tiktoken_encoding
+
+    enc, prefix, rows = tiktoken_encoding(), [], []
+    for text in docs:
+        all_text = prefix + enc.encode_ordinary(text) + [EOS_ID]
+        chunks = [all_text[i: i + msl + 1] for i in range(0, len(all_text), msl)]
+        prefix = chunks.pop(-1) if len(chunks[-1]) < msl + 1 else []
+        for c in chunks:
+            if len(c) < min_len:
+                continue
+            rows.append(np.stack([c[:-1], [1] * msl, c[1:]]))
+    return np.array(rows, dtype=np.int32), prefix
+
+
+@pytest.mark.parametrize("msl", [7, 9, 32])
+def test_rows_are_model_zoo_rows_plus_the_tail_it_drops(tmp_path, msl):
+    """Document for document the Model Zoo's stream, empty and whitespace-only documents included: btlm's
+    rows are exactly its rows, followed by the one padded row of the final partial window it drops."""
+    docs = make_docs(60, seed=4, max_words=30)
+    for i, odd in zip((3, 10, 11, 25, 40), ("", " ", "\n", "", "\n\n  \t")):
+        docs.insert(i, odd)
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    prepare(tmp_path, tmp_path / "o", max_seq_length=msl)
+    ours = read_rows(tmp_path / "o")
+    zoo, dropped_tail = _model_zoo_lmdata_rows(docs, msl, min_len=6)
+    np.testing.assert_array_equal(ours[: len(zoo)], zoo)
+    if len(dropped_tail) >= 6:  # btlm keeps it as one padded row (when not shorter than min_sequence_len)
+        assert len(ours) == len(zoo) + 1
+        n = len(dropped_tail) - 1
+        assert ours[-1][0][:n].tolist() == dropped_tail[:-1] and ours[-1][2][:n].tolist() == dropped_tail[1:]
+        assert ours[-1][1].tolist() == [1] * n + [0] * (msl - n)
+    else:
+        assert len(ours) == len(zoo)

@@ -60,7 +60,7 @@ def test_fixed_factor_equals_model_configured_with_that_factor():
 
 
 def test_dynamic_scaling_math():
-    windows = _windows(2, 128)
+    windows = _windows(2, 129)  # the model reads 128 tokens
     model = make_model("eager")
     settings = [parse_scaling(s) for s in ("none", "fixed:1", "dynamic:128", "dynamic:512", "dynamic:32", "fixed:4")]
     curves = position_curves(model, windows, settings, progress=False)
@@ -98,9 +98,14 @@ def test_load_windows_from_h5_shards_in_order(tmp_path):
     _write_shard(tmp_path / "examples_00000.h5", tokens[:256].copy())
     _write_shard(tmp_path / "examples_00001.h5", tokens[256:].copy(), pad_tail=10)
     windows = load_windows(str(tmp_path), context=100)
-    assert windows.shape == (3, 100)  # 384 - 10 padding = 374 real tokens
-    np.testing.assert_array_equal(windows.flatten().numpy(), tokens[:300])
-    assert load_windows(str(tmp_path), context=100, num_docs=2).shape == (2, 100)
+    # 384 - 10 padding = 374 real tokens: windows of 101 tokens with stride 100 (Model Zoo rows of msl 100)
+    assert windows.shape == (3, 101)
+    for i in range(3):
+        np.testing.assert_array_equal(windows[i].numpy(), tokens[100 * i: 100 * i + 101])
+    assert load_windows(str(tmp_path), context=100, num_docs=2).shape == (2, 101)
+    assert load_windows(str(tmp_path), context=373).shape == (1, 374)  # exactly one window's tokens
+    with pytest.raises(EvalError, match="fewer than one window"):
+        load_windows(str(tmp_path), context=374)
     with pytest.raises(EvalError, match="fewer than one window"):
         load_windows(str(tmp_path / "examples_00000.h5"), context=1000)
 
@@ -112,8 +117,9 @@ def test_load_windows_from_jsonl_and_errors(tmp_path, tokenizer):
     for i in range(20):
         stream += tokenizer.encode(f"document number {i} says hello.") + [tokenizer.eos_token_id]
     windows = load_windows(str(path), context=16, tokenizer=tokenizer)
-    np.testing.assert_array_equal(windows.flatten().numpy(), stream[: windows.numel()])
-    assert windows.shape[0] == len(stream) // 16
+    assert windows.shape == ((len(stream) - 1) // 16, 17)
+    for i, w in enumerate(windows):
+        np.testing.assert_array_equal(w.numpy(), stream[16 * i: 16 * i + 17])
     with pytest.raises(EvalError, match="does not exist"):
         load_windows(str(tmp_path / "missing.h5"), 16)
     bad = tmp_path / "bad.jsonl"
@@ -161,9 +167,10 @@ def test_cli_16k_tokens_bounded_memory(tmp_path):
         sampler.join()
     assert peak[0] - rss_before < 1.5, f"evaluation grew RSS by {peak[0] - rss_before:.2f} GiB"
     lines = (out / "loss_by_position.csv").read_text().splitlines()
-    assert lines[0] == "position,dynamic:512" and len(lines) == context  # header + 16383 positions
+    # --context N scores N positions (a window of N + 1 tokens): header + 16384 rows
+    assert lines[0] == "position,dynamic:512" and len(lines) == context + 1 and lines[-1].startswith(f"{context},")
     summary = json.loads((out / "loss_by_position.json").read_text())
-    assert summary["trained_n_positions"] == 512 and len(summary["settings"][0]["loss_by_position"]) == context - 1
+    assert summary["trained_n_positions"] == 512 and len(summary["settings"][0]["loss_by_position"]) == context
     assert (out / "loss_by_position.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -176,3 +183,38 @@ def test_cli_bad_input_is_one_error_line(tmp_path, capsys):
     assert main(["--model", str(tmp_path), "--data", str(tmp_path), "--alibi-scaling", "fixed:0.5",
                  "--out", str(tmp_path / "o")]) == 1
     assert "fixed:0.5" in capsys.readouterr().err
+
+
+def test_context_n_scores_n_positions_like_a_model_zoo_row():
+    """A window of N + 1 tokens gives N losses: the model reads N tokens and each predicts the next one,
+    which is the per-token loss of a Model Zoo row of msl N (input_ids = w[:-1], labels = w[1:])."""
+    model = make_model("eager")
+    window = _windows(1, 33)
+    with torch.no_grad():
+        got = per_token_loss(model, window, logits_chunk=5)[0]
+        logits = model(window[:, :-1]).logits[0].float()
+    assert got.shape == (32,)
+    torch.testing.assert_close(got, F.cross_entropy(logits, window[0, 1:], reduction="none"), rtol=1e-5, atol=1e-5)
+
+
+def test_plot_has_a_panel_of_each_setting_minus_none():
+    from btlm.eval.long_context import differences, make_figure
+
+    rng = np.random.default_rng(0)
+    base = 3 + rng.normal(0, 4, 500)  # noisy per-position means spanning many nats ...
+    curves = {"fixed:4": base + 0.05, "none": base, "dynamic:128": base - 0.02}  # ... settings 0.02-0.05 apart
+    ref, diffs = differences(curves)
+    assert ref == "none" and set(diffs) == {"fixed:4", "dynamic:128"}
+    np.testing.assert_allclose(diffs["fixed:4"], 0.05)
+    meta = {"model": "m", "context": 500, "num_windows": 2, "trained_n_positions": 128}
+    fig = make_figure(curves, meta)
+    top, bottom = fig.axes
+    assert "none" in bottom.get_ylabel()
+    smooth = {line.get_label().split(" ")[0]: line.get_ydata() for line in bottom.get_lines()
+              if "mean" in str(line.get_label())}
+    assert set(smooth) == {"fixed:4", "dynamic:128"}
+    np.testing.assert_allclose(smooth["fixed:4"], 0.05, atol=1e-9)
+    np.testing.assert_allclose(smooth["dynamic:128"], -0.02, atol=1e-9)
+    lo, hi = bottom.get_ylim()
+    assert -0.1 < lo < -0.05 and 0.05 < hi < 0.1  # scaled to the differences, not to the 0-17 nat spread
+    assert len(make_figure({"none": base}, meta).axes) == 1  # one setting: nothing to compare

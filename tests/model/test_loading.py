@@ -142,3 +142,24 @@ def test_bad_model_directories(tmp_path):
     (tmp_path / "empty" / "config.json").write_text(json.dumps(RELEASED_CONFIG))
     with pytest.raises(ModelLoadError, match="no weights"):
         load_model(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("source", ["released", "saved"])
+def test_alibi_slopes_stay_frozen_for_a_plain_optimizer(tmp_path, source):
+    """After loading (the released bf16 pickle, or a btlm safetensors dir) the slopes are still a frozen
+    Parameter in the state dict under the released key, and one step of torch.optim.AdamW over
+    model.parameters() leaves them exactly as loaded (they moved 0.0039 -> 0.0029 when loading unfroze them)."""
+    model = make_model("sdpa")
+    d = released_style_dir(tmp_path, model)[0] if source == "released" else save_model(model, tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    slopes = loaded.transformer.relative_pe.slopes
+    assert isinstance(slopes, torch.nn.Parameter) and not slopes.requires_grad
+    assert loaded.state_dict()["transformer.relative_pe.slopes"].shape == (loaded.config.n_head, 1)
+    before = slopes.detach().clone()
+    opt = torch.optim.AdamW(loaded.parameters(), lr=0.1, weight_decay=0.1)
+    loaded(X, labels=X).loss.backward()
+    opt.step()
+    assert torch.equal(loaded.transformer.relative_pe.slopes, before)
+    assert not torch.equal(loaded.transformer.h[0].attn.c_attn.weight, model.transformer.h[0].attn.c_attn.weight)
+    again = save_model(loaded, tmp_path / "again", tokenizer=False)
+    assert torch.equal(load_file(again / "model.safetensors")["transformer.relative_pe.slopes"], before)

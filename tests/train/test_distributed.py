@@ -38,7 +38,10 @@ def _worker(rank: int, world: int, port: int, raw: dict, out: str) -> None:
     for strategy in ("ddp", "fsdp"):
         env = D.init_distributed("CPU", "gloo", "env://", strategy)
         model_dir = os.path.join(out, strategy)
-        losses[strategy] = _run(raw, model_dir, env, max_steps=2, distributed_strategy=strategy)
+        # save_initial_checkpoint: writing the empty optimizer state must not change training (the
+        # one-process reference does not write it)
+        losses[strategy] = _run(raw, model_dir, env, max_steps=2, distributed_strategy=strategy,
+                                save_initial_checkpoint=True)
         losses[strategy].update(_run(raw, model_dir, env, max_steps=4, distributed_strategy=strategy))  # resume
     torch.distributed.destroy_process_group()
     if rank == 0:
@@ -60,6 +63,9 @@ def test_two_process_ddp_and_fsdp_match_one_process(tiny_raw, tmp_path):
         for step in range(1, 5):
             assert got[strategy][str(step)] == pytest.approx(ref[step], abs=2e-5), (strategy, step)
 
+    assert (tmp_path / "ddp" / "checkpoint_0.mdl").is_file() and (tmp_path / "fsdp" / "checkpoint_0.dcp").is_dir()
+    for st in read_training_checkpoint(tmp_path / "fsdp" / "checkpoint_0.dcp")["optimizer"]["state"].values():
+        assert float(st["beta1_power"]) == 1.0 and not st["exp_avg"].any()  # no zero-gradient update taken
     sharded = tmp_path / "fsdp" / "checkpoint_4.dcp"
     assert sharded.is_dir() and (sharded / ".metadata").is_file()
     assert not list((tmp_path / "fsdp").glob(".*.tmp"))

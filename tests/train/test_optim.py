@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -154,3 +155,64 @@ def test_loss_scaling_hand_checked():
     assert float(lm_loss(logits, labels, mask, tok)) == pytest.approx(total / 3, rel=1e-6)
     # batch_size: Σ ce·m / B · loss_weight (padding still counts in the denominator via 1/msl)
     assert float(lm_loss(logits, labels, mask, bs)) == pytest.approx(total / 2 * 0.5, rel=1e-6)
+
+
+def test_adamw_beta_powers_stay_cpu_float64_across_load_state_dict():
+    """Optimizer.load_state_dict casts float state to the parameter dtype; the running products must not
+    be rounded to float32 (a resumed run would use another bias correction than an uninterrupted one)."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = AdamW([p], lr=0.01, betas=(0.9, 0.95))
+    for _ in range(7):
+        p.grad = torch.randn(4)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())  # state_dict() hands out the live tensors
+    q = torch.nn.Parameter(p.detach().clone())
+    fresh = AdamW([q], lr=0.01, betas=(0.9, 0.95))
+    fresh.load_state_dict(saved)
+    for name, beta in (("beta1_power", 0.9), ("beta2_power", 0.95)):
+        got = fresh.state[q][name]
+        assert got.dtype == torch.float64 and got.device.type == "cpu"
+        assert torch.equal(got, opt.state[p][name]) and float(got) != float(got.float())  # not float32-rounded
+        expected = torch.tensor(1.0, dtype=torch.float64)
+        for _ in range(7):
+            expected *= beta
+        assert torch.equal(got, expected)
+    g = torch.randn(4)
+    p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    fresh.step()
+    assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adam", "sgd"])
+def test_saving_empty_optimizer_state_takes_no_update(kind):
+    """torch.distributed.checkpoint initialises empty optimizer state with a zero-gradient step(); through
+    btlm.train.distributed the state is created without one, so the next update is a true first update."""
+    from btlm.train import distributed as D
+
+    raw = {"model": TINY["model"], "optimizer": {**TINY["optimizer"], "optimizer_type": kind, "momentum": 0.9}}
+    params = parse_params(raw)
+
+    def model_and_opt():
+        model = build_model(params.model, params.optimizer, seed=0)
+        opt = build_optimizer(model, params.optimizer)
+        for g in opt.param_groups:
+            g["lr"] = 0.01
+        return model, opt
+
+    ref_model, ref_opt = model_and_opt()
+    model, opt = model_and_opt()
+    state = D.full_optimizer_state(model, opt)["state"]
+    assert state
+    assert all(not v.any() for st in state.values() for k, v in st.items() if k in ("exp_avg", "momentum_buffer"))
+    if kind == "adamw":
+        assert all(float(st["beta1_power"]) == 1.0 for st in state.values())
+    if kind == "adam":
+        assert all(float(st["step"]) == 0.0 for st in state.values())
+    x = torch.randint(0, 97, (2, 16))
+    for m, o in ((ref_model, ref_opt), (model, opt)):
+        m(x, labels=x.long()).loss.backward()
+        o.step()
+    for (name, a), b in zip(ref_model.named_parameters(), model.parameters()):
+        assert torch.equal(a, b), name

@@ -174,3 +174,89 @@ def test_unsafe_or_foreign_checkpoints_are_refused(tiny_raw, tmp_path):
     runner = Runner(parse_params(tiny_raw), tiny_raw, tmp_path / "cs")
     with pytest.raises(ckpt.CheckpointError, match="Cerebras CS-format checkpoint"):
         runner.evaluate()
+
+
+def _states(path):
+    state = ckpt.load_checkpoint_file(path)
+    return state["model"], state["optimizer"]["state"]
+
+
+def _assert_same_state(path_a, path_b):
+    (model_a, opt_a), (model_b, opt_b) = _states(path_a), _states(path_b)
+    assert model_a.keys() == model_b.keys() and opt_a.keys() == opt_b.keys()
+    for k in model_a:
+        assert torch.equal(model_a[k], model_b[k]), k
+    for k in opt_a:
+        for name, v in opt_a[k].items():
+            assert v.dtype == opt_b[k][name].dtype and torch.equal(v, opt_b[k][name]), (k, name)
+
+
+def test_initial_checkpoint_does_not_change_training(tiny_raw, tmp_path):
+    """save_initial_checkpoint writes the optimizer's empty state without taking an update (no beta power
+    advanced), so the run is bit-identical to one without it, and resuming from checkpoint_0 is too."""
+    off = train(tiny_raw, tmp_path / "off", max_steps=6, checkpoint_steps=0)
+    on = train(tiny_raw, tmp_path / "on", max_steps=6, checkpoint_steps=0, save_initial_checkpoint=True)
+    assert on["losses"] == off["losses"]
+    _assert_same_state(tmp_path / "off" / "checkpoint_6.mdl", tmp_path / "on" / "checkpoint_6.mdl")
+    _, initial = _states(tmp_path / "on" / "checkpoint_0.mdl")
+    assert initial  # every trained parameter has its (empty) state
+    for st in initial.values():
+        assert float(st["beta1_power"]) == 1.0 and float(st["beta2_power"]) == 1.0
+        assert st["beta1_power"].dtype == torch.float64
+        assert not st["exp_avg"].any() and not st["exp_avg_sq"].any()
+    _, final = _states(tmp_path / "on" / "checkpoint_6.mdl")
+    powers = torch.tensor(1.0, dtype=torch.float64)
+    for _ in range(6):
+        powers *= 0.9
+    assert all(torch.equal(st["beta1_power"], powers) for st in final.values())
+
+    from_zero = copy.deepcopy(tiny_raw)
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "zero" / "checkpoint_0.mdl").write_bytes((tmp_path / "on" / "checkpoint_0.mdl").read_bytes())
+    resumed = train(from_zero, tmp_path / "zero", max_steps=6, checkpoint_steps=0)
+    assert resumed["losses"] == off["losses"]
+    _assert_same_state(tmp_path / "off" / "checkpoint_6.mdl", tmp_path / "zero" / "checkpoint_6.mdl")
+
+
+def _logged_losses(summary_dir):
+    """Every `loss` scalar in a run's TensorBoard files (all event files, in the order written)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    out = {}
+    for f in sorted(summary_dir.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(f)).Load():
+            for v in event.summary.value:
+                if v.tag == "loss":
+                    tensor = v.HasField("tensor")
+                    out[event.step] = float(tensor_util.make_ndarray(v.tensor)) if tensor else v.simple_value
+    return out
+
+
+def test_resume_is_bitwise_identical_across_epochs_workers_and_dropout(tiny_raw, tmp_path):
+    """N steps == k steps + resume, bit for bit (weights, optimizer state, every logged loss), for resume
+    points before, at and after an epoch boundary, with loader workers, a shuffled order and dropout
+    (the restored RNG must be the one the uninterrupted run continues with)."""
+    raw = copy.deepcopy(tiny_raw)
+    raw["train_input"].update(num_workers=2, shuffle=True, shuffle_seed=3)  # 48 rows / 4 = 12 steps an epoch
+    raw["model"]["dropout_rate"] = 0.1
+    straight = train(raw, tmp_path / "straight", max_steps=16, checkpoint_steps=4)
+    logged = _logged_losses(tmp_path / "straight" / "train")
+    assert sorted(logged) == list(range(1, 17))
+    for k in (5, 12, 14):
+        run_dir = tmp_path / f"stop{k}"
+        first = train(raw, run_dir, max_steps=k, checkpoint_steps=4)
+        second = train(raw, run_dir, max_steps=16, checkpoint_steps=4)  # same dir: resumes at k
+        assert sorted(second["losses"]) == list(range(k + 1, 17))
+        assert {**first["losses"], **second["losses"]} == straight["losses"], k
+        assert _logged_losses(run_dir / "train") == logged, k
+        for step in (16, *[s for s in (8, 12) if s > k]):
+            _assert_same_state(tmp_path / "straight" / f"checkpoint_{step}.mdl", run_dir / f"checkpoint_{step}.mdl")
+
+
+def test_measuring_the_roofline_leaves_the_global_rng_alone():
+    from btlm.train.trainer import measure_peak_flops
+
+    before = torch.get_rng_state()
+    assert measure_peak_flops(torch.device("cpu"), n=32) > 0
+    assert torch.equal(torch.get_rng_state(), before)  # dropout after a resume draws what it would have

@@ -14,6 +14,9 @@ A re-implementation of the Cerebras Model Zoo ``create_hdf5_dataset.py LMData`` 
 * **Exact resume.** After each shard the small ``checkpoint.json`` records where the rows of the next
   shard begin in the input (a file/record position, the packer's leftover tokens and rng); a
   resumed run replays from there and produces exactly the shards of an uninterrupted run.
+* **Model Zoo's token stream.** Every document read, empty and whitespace-only ones included, is
+  tokenized and followed by EOS exactly as ``LMData`` does (``""`` → ``[EOS]``, ``" "`` → ``[220, EOS]``),
+  so the packed stream is the Model Zoo's, plus the final partial window it drops.
 * ``--use_ftfy`` defaults to False (the Model Zoo README's documented default; its code said True,
   which the spec marks as a discrepancy). Shard names are zero-padded (``examples_00000.h5``) so the
   loader's sorted file order is the corpus order.
@@ -189,7 +192,7 @@ class Batch:
 def read_batches(files: list[str], start: tuple[int, int], key: str, strict: bool, batch_chars: int):
     """Yield :class:`Batch` es of about ``batch_chars`` characters from corpus position ``start`` on.
 
-    Batch boundaries fall only after a usable document, and depend on the text alone, never on timing.
+    Batch boundaries fall only after a document, and depend on the text alone, never on timing.
     The per-record work is kept to plain local counting: it runs in the main process for every record.
     """
     sizes = [os.path.getsize(f) for f in files]
@@ -218,8 +221,9 @@ def read_batches(files: list[str], start: tuple[int, int], key: str, strict: boo
                 batch.problems.append(msg)
                 continue
             if not text or text.isspace():
-                batch.delta["discarded_empty_document"] += 1
-                continue
+                # Kept, as the Model Zoo keeps them: "" becomes a lone EOS and " " / "\n" their own
+                # tokens + EOS. Dropping them would shift the token stream from there on.
+                batch.delta["empty_or_whitespace_documents"] += 1
             batch.texts.append(text)
             chars += len(text)
             if chars >= batch_chars:
@@ -458,7 +462,9 @@ def _data_params(cfg, files, counters, problems, shard_stats, n_shards, eos, pad
     discarded = {k[len("discarded_"):]: v for k, v in sorted(counters.items()) if k.startswith("discarded_") and v}
     out["post-process"] = {
         "input_files": len(files), "files_read": counters["files_read"], "records_read": counters["records_read"],
-        "documents": counters["documents"], "discarded": discarded, "raw_chars_count": counters["raw_chars"],
+        "documents": counters["documents"],
+        "empty_or_whitespace_documents": counters["empty_or_whitespace_documents"],  # included in documents
+        "discarded": discarded, "raw_chars_count": counters["raw_chars"],
         "tokens": counters["tokens"], "tokens_dropped": counters["tokens_dropped"],
         "rows_not_written_remainder": counters["rows_not_written_remainder"],
         "n_examples": n, "n_shards": n_shards, "eos_id": eos, "pad_id": pad, "vocab_size": vocab_size,

@@ -311,8 +311,12 @@ class GptHDF5MapDataProcessor(DataLoader):
         if workers > 0:  # torch rejects these two with 0 workers (the Model Zoo resets them there too)
             extra = {"prefetch_factor": int(params.get("prefetch_factor", 10)),
                      "persistent_workers": bool(params.get("persistent_workers", True))}
+        # An own generator: every iter() of a DataLoader draws a worker base seed from it, which would
+        # otherwise come from the global torch RNG and shift the dropout stream of a resumed run
+        # (it starts one iterator more than an uninterrupted one). Nothing here is random.
         super().__init__(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_rows,
-                         pin_memory=bool(params.get("pin_memory", False)), **extra)
+                         pin_memory=bool(params.get("pin_memory", False)),
+                         generator=torch.Generator().manual_seed(self.shuffle_seed), **extra)
 
     def _build_dataset(self, params: dict):
         sort_files, msl = bool(params.get("sort_files", True)), params.get("max_sequence_length")

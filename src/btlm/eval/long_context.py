@@ -1,13 +1,14 @@
 """``btlm eval-long``: average loss at every token position up to 32k tokens, with and without ALiBi
 position interpolation (the BTLM model card's Figure 5).
 
-Windows of ``--context`` tokens are cut from a token stream (HDF5 shards from ``btlm data``: the
+Windows of ``--context`` + 1 tokens are cut from a token stream (HDF5 shards from ``btlm data``: the
 ``input_ids`` rows concatenated in file order, padding dropped; or ``.txt`` / ``.jsonl`` documents
-tokenized and joined with ``<|endoftext|>``). Every window is run once per scaling setting through the
-memory-bounded (query-chunked SDPA) attention path, and the per-token cross-entropy is computed from the
-final hidden states in position chunks, so a 32k-token window never materialises a ``[T, vocab]``
-fp32 logits tensor. Position ``p`` (1 … context-1) is the loss of predicting token ``p`` from tokens
-``0 … p-1``.
+tokenized and joined with ``<|endoftext|>``) with stride ``--context``, exactly like a Model Zoo row of
+msl = context: ``context`` inputs, ``context`` labels. Every window is run once per scaling setting
+through the memory-bounded (query-chunked SDPA) attention path, and the per-token cross-entropy is
+computed from the final hidden states in position chunks, so a 32k-token window never materialises a
+``[T, vocab]`` fp32 logits tensor. Position ``p`` (1 … context) is the loss of predicting token ``p``
+from tokens ``0 … p-1``.
 """
 
 from __future__ import annotations
@@ -78,9 +79,11 @@ def _text_tokens(path: Path, tokenizer):
 
 
 def load_windows(data: str, context: int, num_docs: int | None = None, tokenizer=None) -> torch.Tensor:
-    """Cut ``[n, context]`` windows (``n <= num_docs``) from the token stream of ``data``.
+    """Cut ``[n, context + 1]`` windows (``n <= num_docs``) from the token stream of ``data``.
 
-    Raises :class:`EvalError` when the data holds fewer than ``context`` tokens.
+    Window ``i`` is ``stream[i·context : i·context + context + 1]`` (consecutive windows share one token,
+    as Model Zoo rows do): ``context`` inputs and ``context`` next-token labels.
+    Raises :class:`EvalError` when the data holds fewer than ``context + 1`` tokens.
     """
     if context < 2:
         raise EvalError(f"--context must be at least 2, got {context}")
@@ -97,14 +100,15 @@ def load_windows(data: str, context: int, num_docs: int | None = None, tokenizer
         for piece in pieces:
             buf.append(piece)
             have += len(piece)
-            while have >= context:
+            while have >= context + 1:
                 stream = np.concatenate(buf)
-                windows.append(stream[:context])
+                windows.append(stream[:context + 1])
                 buf, have = [stream[context:]], len(stream) - context
                 if num_docs is not None and len(windows) >= num_docs:
                     return torch.from_numpy(np.stack(windows))
     if not windows:
-        raise EvalError(f"--data {data} holds {have} tokens, fewer than one window of --context {context}")
+        raise EvalError(f"--data {data} holds {have} tokens, fewer than one window of --context {context} "
+                        f"(context + 1 tokens)")
     return torch.from_numpy(np.stack(windows))
 
 
@@ -113,12 +117,13 @@ def load_windows(data: str, context: int, num_docs: int | None = None, tokenizer
 
 @torch.no_grad()
 def per_token_loss(model, input_ids: torch.Tensor, logits_chunk: int = 1024) -> torch.Tensor:
-    """Next-token cross-entropy at every position of ``input_ids`` ``[B, T]`` → fp32 ``[B, T-1]``.
+    """Next-token cross-entropy of a window ``input_ids`` ``[B, T+1]`` → fp32 ``[B, T]``.
 
-    Entry ``[:, p-1]`` is the loss of predicting token ``p``. One forward pass through the transformer
-    (memory-bounded attention), then logits only for ``logits_chunk`` positions at a time.
+    The model reads the first ``T`` tokens; entry ``[:, p-1]`` is the loss of predicting token ``p``
+    (p = 1 … T). One forward pass through the transformer (memory-bounded attention), then logits only
+    for ``logits_chunk`` positions at a time.
     """
-    hidden = model.transformer(input_ids, use_cache=False).last_hidden_state
+    hidden = model.transformer(input_ids[:, :-1], use_cache=False).last_hidden_state
     losses = []
     for c0 in range(0, input_ids.shape[1] - 1, logits_chunk):
         c1 = min(input_ids.shape[1] - 1, c0 + logits_chunk)
@@ -166,10 +171,14 @@ def write_results(out: Path, curves: dict[str, np.ndarray], meta: dict) -> None:
     for i in range(n):
         writer.writerow([i + 1, *(f"{curves[label][i]:.6f}" for label in labels)])
     write_atomic(out / "loss_by_position.csv", buf.getvalue())
+    ref, diffs = differences(curves)
     summary = {
         **meta,
+        "reference": ref,
         "settings": [
-            {"label": label, "mean_loss": float(curves[label].mean()), "loss_by_position": curves[label].round(6).tolist()}
+            {"label": label, "mean_loss": float(curves[label].mean()),
+             **({"mean_loss_minus_reference": float(diffs[label].mean())} if label in diffs else {}),
+             "loss_by_position": curves[label].round(6).tolist()}
             for label in labels
         ],
     }
@@ -177,28 +186,73 @@ def write_results(out: Path, curves: dict[str, np.ndarray], meta: dict) -> None:
     plot_curves(out / "loss_by_position.png", curves, meta)
 
 
-def plot_curves(path: Path, curves: dict[str, np.ndarray], meta: dict) -> None:
-    """Loss vs token position on a log axis: raw mean as a faint band, smoothed curve on top."""
+def differences(curves: dict[str, np.ndarray]) -> tuple[str | None, dict[str, np.ndarray]]:
+    """Each setting's curve minus the reference curve (``none`` if evaluated, else the first setting).
+
+    Settings differ by 0.01–0.1 nats while the per-position loss itself spans ~0–17 nats, so only the
+    paired difference (same windows, same positions) shows which setting is better where.
+    Returns ``(reference label, {label: difference})``; no reference for a single setting.
+    """
+    if len(curves) < 2:
+        return None, {}
+    ref = "none" if "none" in curves else next(iter(curves))
+    return ref, {label: values - curves[ref] for label, values in curves.items() if label != ref}
+
+
+def make_figure(curves: dict[str, np.ndarray], meta: dict):
+    """Loss vs token position on a log axis (raw mean faint, smoothed on top); with several settings a
+    second panel shows each setting minus the reference (``none``) curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, (label, values) in enumerate(curves.items()):
+    ref, diffs = differences(curves)
+    if diffs:
+        fig, (ax, dax) = plt.subplots(2, 1, figsize=(8, 7.5), sharex=True, height_ratios=(3, 2))
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = {label: (f"C{i}", ("-", "--", ":", "-.")[i % 4]) for i, label in enumerate(curves)}
+    for label, values in curves.items():
         pos = np.arange(1, len(values) + 1)
-        color, style = f"C{i}", ("-", "--", ":", "-.")[i % 4]  # styles keep coinciding curves visible
+        color, style = colors[label]  # styles keep coinciding curves visible
         ax.plot(pos, values, color=color, alpha=0.2, linewidth=0.6)
         ax.plot(pos, smooth_log(values), color=color, linestyle=style, linewidth=1.8,
                 label=f"{label} (mean {values.mean():.3f})")
-    if meta.get("trained_n_positions"):
-        ax.axvline(meta["trained_n_positions"], color="gray", linestyle="--", linewidth=1, label="training length")
-    ax.set_xscale("log")
-    ax.set_xlabel("token position")
+    axes = [ax]
+    if diffs:
+        dax.axhline(0.0, color=colors[ref][0], linewidth=1)
+        for label, delta in diffs.items():
+            pos = np.arange(1, len(delta) + 1)
+            color, style = colors[label]
+            dax.plot(pos, delta, color=color, alpha=0.15, linewidth=0.5)
+            dax.plot(pos, smooth_log(delta), color=color, linestyle=style, linewidth=1.8,
+                     label=f"{label} − {ref} (mean {delta.mean():+.4f})")
+        smooth = np.concatenate([smooth_log(d) for d in diffs.values()])
+        pad = max(float(np.abs(smooth).max()) * 1.15, 1e-3)  # scale to the smoothed curves, not the raw noise
+        dax.set_ylim(-pad, pad)
+        dax.set_ylabel(f"loss − {ref} (nats)")
+        dax.legend(fontsize="small")
+        axes.append(dax)
+    for a in axes:
+        if meta.get("trained_n_positions"):
+            a.axvline(meta["trained_n_positions"], color="gray", linestyle="--", linewidth=1,
+                      label="training length" if a is ax else None)
+        a.set_xscale("log")
+        a.grid(True, which="both", alpha=0.3)
+    axes[-1].set_xlabel("token position")
     ax.set_ylabel("loss (nats / token)")
     ax.set_title(f"{model_label(meta['model'])}: loss by position, {meta['num_windows']} window(s) of {meta['context']} tokens")
-    ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(path: Path, curves: dict[str, np.ndarray], meta: dict) -> None:
+    """Write :func:`make_figure` as a PNG (atomically)."""
+    import matplotlib.pyplot as plt
+
+    fig = make_figure(curves, meta)
     save_figure_atomic(fig, path)
     plt.close(fig)
 
@@ -213,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
         "n_positions is raised to --context automatically."))
     add_model_arguments(p)
     p.add_argument("--data", required=True, help="btlm data .h5 shard or directory of shards, or .txt / .jsonl file(s)")
-    p.add_argument("--context", type=int, default=32768, help="window length in tokens (default 32768)")
+    p.add_argument("--context", type=int, default=32768,
+                   help="positions scored per window: windows of context+1 tokens (default 32768)")
     p.add_argument("--alibi-scaling", nargs="+", default=["none"], metavar="SETTING",
                    help="one or more of: none | fixed:F (divide slopes by F) | dynamic:L (divide by K/L past L "
                         "tokens, L = training length, e.g. dynamic:8192). Default: none")
@@ -242,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
                 "num_windows": len(windows), "trained_n_positions": trained}
         out = Path(args.out)
         write_results(out, curves, meta)
+        ref, diffs = differences(curves)
         for label, values in curves.items():
-            print(f"{label:>16}: mean loss {values.mean():.4f}")
+            delta = f" ({diffs[label].mean():+.4f} vs {ref})" if label in diffs else ""
+            print(f"{label:>16}: mean loss {values.mean():.4f}{delta}")
         print(f"wrote {out / 'loss_by_position.csv'}, .json and .png")
         return 0
     except (EvalError, ModelLoadError, ValueError, OSError) as err:

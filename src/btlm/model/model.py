@@ -218,6 +218,13 @@ class AlibiPositionEmbeddingLayer(nn.Module):
         self.n_head = n_head
         self.slopes = nn.Parameter(torch.tensor(alibi_slopes(n_head)).unsqueeze(-1), requires_grad=False)
 
+    def __setattr__(self, name, value):
+        # Loading (from_pretrained) replaces the Parameter with a new one that has requires_grad=True;
+        # keep every slopes Parameter frozen, so no optimizer (even AdamW(model.parameters())) moves them.
+        if name == "slopes" and isinstance(value, nn.Parameter):
+            value.requires_grad_(False)
+        super().__setattr__(name, value)
+
     def forward(self, q_start: int, q_len: int, k_len: int, divisor: float, dtype) -> torch.Tensor:
         return alibi_bias(self.slopes, q_start, q_len, k_len, divisor, dtype)
 
@@ -421,8 +428,8 @@ class BTLMPreTrainedModel(PreTrainedModel):
         * ``no_decay``: LayerNorm weights and biases and every bias, at ``lr`` without weight decay. The
           spec is unsure whether Conv1D biases belong here or in ``hidden``; we follow the Cerebras
           training semantics (biases: lr×1, no weight decay).
-        The ALiBi slopes are excluded (they are fixed; after ``from_pretrained`` they come back with
-        ``requires_grad=True``, so they are skipped by name). Empty groups are dropped.
+        The ALiBi slopes are excluded (they are fixed: a frozen parameter, also after loading).
+        Empty groups are dropped.
         """
         width = self.config.mup_width_scale
         hidden_wd = weight_decay if decoupled_wd else weight_decay / width

@@ -32,6 +32,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from .optim import init_optimizer_state
+
 logger = logging.getLogger("btlm.train")
 
 
@@ -123,6 +125,8 @@ def full_model_state(model: nn.Module) -> dict:
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The whole optimizer state (FQN keys) on the CPU; empty state is created without an update."""
+    init_optimizer_state(optimizer)
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -132,6 +136,7 @@ def load_full_model_state(model: nn.Module, state: dict, strict: bool = True):
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    init_optimizer_state(optimizer)  # the template PyTorch fills must not come from a zero-gradient step
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
@@ -150,6 +155,7 @@ def save_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     if env.is_main and tmp.exists():
         shutil.rmtree(tmp)
     barrier(env)
+    init_optimizer_state(optimizer)
     state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
     dcp.save(state, checkpoint_id=str(tmp))
     if env.is_main:
@@ -168,6 +174,7 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer 
 
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
+        init_optimizer_state(optimizer)
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=strict))

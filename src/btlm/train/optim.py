@@ -6,6 +6,10 @@
   the output layer). The frozen ALiBi slopes are never optimised.
 * :class:`AdamW` follows cstorch / HF-AdamW: eps is added to ``sqrt(v)`` *before* the bias correction,
   ``correct_bias`` can switch the correction off, and the decay is decoupled and scaled by the group lr.
+* Optimizer state never depends on when checkpoints are written: :func:`init_optimizer_state`
+  creates the empty state a first update would create, *without* running an update. (PyTorch's
+  ``get_optimizer_state_dict`` otherwise initialises empty state with a zero-gradient ``step()``,
+  which advances AdamW's bias-correction products and Adam's ``step`` by one update.)
 * :class:`ScheduledLR` sets ``lr = schedule(t) x group["adjust_learning_rate"]``; ``t`` is 0 at the
   first optimizer update, so the BTLM warm-up's first update uses lr 0.
 """
@@ -20,12 +24,13 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import OptimizerConfig
 
+_POWERS = ("beta1_power", "beta2_power")
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
 
 
 def _is_frozen(name: str, param: nn.Parameter) -> bool:
-    # The released checkpoint stores ALiBi slopes as a Parameter that comes back with
-    # requires_grad=True after from_pretrained (machine_facts.md), so exclude it by name too.
+    # The model keeps the ALiBi slopes frozen (also after from_pretrained); excluded by name too, so a
+    # model whose slopes were unfrozen by hand still gets Model Zoo's groups.
     return not param.requires_grad or name.endswith("relative_pe.slopes")
 
 
@@ -84,6 +89,40 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       correct_bias=correct_bias))
 
+    def _init_param_state(self, p: torch.Tensor) -> None:
+        state = self.state[p]
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        # Host float64 scalars: the bias correction is computed in double precision on the CPU
+        # (no device sync per parameter), whatever the parameters' dtype and device.
+        state["beta1_power"] = torch.tensor(1.0, dtype=torch.float64)
+        state["beta2_power"] = torch.tensor(1.0, dtype=torch.float64)
+
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create the state of every parameter that has none, exactly as a first update would."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not self.state[p]:
+                    self._init_param_state(p)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``Optimizer.load_state_dict``, but the beta powers stay CPU float64.
+
+        The base class casts every floating-point state tensor to its parameter's dtype and device,
+        which would round the running products to float32: a resumed run would then apply a
+        slightly different bias correction than an uninterrupted one.
+        """
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        powers = {pid: {k: torch.as_tensor(st[k]).detach().to("cpu", torch.float64).clone()
+                        for k in _POWERS if k in st}
+                  for pid, st in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            if powers.get(pid):
+                self.state[p].update(powers[pid])
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -98,10 +137,7 @@ class AdamW(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if not state:
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["beta1_power"] = torch.tensor(1.0, dtype=torch.float64)
-                    state["beta2_power"] = torch.tensor(1.0, dtype=torch.float64)
+                    self._init_param_state(p)
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 m.lerp_(p.grad, 1 - beta1)
                 v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
@@ -127,6 +163,43 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     if kind == "adam":  # L2-coupled decay, as torch.optim.Adam
         return torch.optim.Adam(groups, lr=0.0, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter the state a first update would create, without updating anything.
+
+    Called before the optimizer's state is saved or loaded through
+    ``torch.distributed.checkpoint.state_dict``, whose own initialisation of empty state runs one
+    ``step()`` with zero gradients and lr 0: that is one Adam step (``step`` count / beta powers
+    advanced, and with coupled weight decay ``exp_avg`` filled with ``wd·p``), so a run that saves a
+    checkpoint before its first update would train differently from one that does not.
+    Supports :class:`AdamW` (ours), ``torch.optim.Adam`` / ``AdamW`` and ``torch.optim.SGD``.
+    """
+    if isinstance(optimizer, AdamW):
+        optimizer.init_state()
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state:
+                continue
+            if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+                on_device = group.get("capturable") or group.get("fused")
+                dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32  # torch's own
+                state["step"] = torch.zeros((), dtype=dtype, device=p.device if on_device else "cpu")
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group.get("amsgrad"):
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif isinstance(optimizer, torch.optim.SGD):
+                if group["momentum"] and group.get("dampening", 0) == 0:
+                    # buf = momentum·0 + grad equals the first step's buf = grad exactly
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                elif group["momentum"]:
+                    raise ValueError("init_optimizer_state: SGD with dampening has no update-free initial state")
+            else:
+                raise TypeError(f"init_optimizer_state: no update-free initial state for {type(optimizer).__name__}")
 
 
 class ScheduledLR(torch.optim.lr_scheduler.LRScheduler):

@@ -62,8 +62,9 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048) -> float:
     """The machine's own matmul roofline (FLOP/s of an n³ matmul) — the peak MFU is stated against."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    gen = torch.Generator(device).manual_seed(0)  # not the global RNG: it drives dropout, and resumes restore it
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     torch.mm(a, b)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
