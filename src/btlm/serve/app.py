@@ -14,6 +14,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from .engine import Chunk, Engine, EngineError, SamplingParams, TokenLogprob
 from .protocol import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest
 
@@ -39,10 +44,6 @@ def plain_chat_prompt(messages: list[ChatMessage]) -> str:
 
 def create_app(engine: Engine, model_name: str):
     """A FastAPI application serving ``engine`` under the model id ``model_name``."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="btlm serve", version="1")
 
@@ -337,40 +338,25 @@ def _engine_error(err: EngineError) -> APIError:
 
 
 async def _until_disconnect(request, handles) -> AsyncIterator[tuple[int, Chunk]]:
-    """The chunks of ``handles``; cancels them when the client disconnects before they finish."""
-    stream = _merge(handles)
+    """The chunks of ``handles``; a watcher cancels them when the client disconnects before they finish."""
 
-    async def next_or_none():
-        try:
-            return await stream.__anext__()
-        except StopAsyncIteration:
-            return None
+    async def watch():
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.2)
+        for h in handles:
+            h.cancel()
 
+    watcher = asyncio.create_task(watch())
     try:
-        while True:
-            next_chunk = asyncio.ensure_future(next_or_none())
-            while True:
-                done, _ = await asyncio.wait({next_chunk}, timeout=0.5)
-                if done:
-                    break
-                if await request.is_disconnected():
-                    for h in handles:
-                        h.cancel()
-                    next_chunk.cancel()
-                    await asyncio.gather(next_chunk, return_exceptions=True)
-                    raise APIError(499, "client disconnected")
-            try:
-                item = next_chunk.result()
-            except EngineError as err:
-                raise _engine_error(err) from None
-            if item is None:
-                return
+        async for item in _merge(handles):
             yield item
+    except EngineError as err:
+        raise _engine_error(err) from None
     finally:
+        watcher.cancel()
         for h in handles:
             if not h.done:
                 h.cancel()
-        await stream.aclose()
 
 
 async def _guard_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
