@@ -272,3 +272,35 @@ def test_bad_chat_and_http_requests(server, client):
     missing = httpx.get(url + "/v1/nothing")
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
     assert client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ok"}], max_tokens=2)
+
+
+def test_generation_failure_is_a_500_and_the_server_goes_on(server, client, monkeypatch):
+    _, engine = server
+    real_forward = engine._forward
+
+    def failing_forward(*args, **kw):
+        monkeypatch.setattr(engine, "_forward", real_forward)  # fail once
+        raise RuntimeError("simulated out of memory")
+
+    monkeypatch.setattr(engine, "_forward", failing_forward)
+    with pytest.raises(openai.InternalServerError) as info:
+        complete(client, PROMPTS[0], max_tokens=4)
+    assert_openai_error(info.value, 500)
+    assert "simulated out of memory" in info.value.response.json()["error"]["message"]
+    assert complete(client, PROMPTS[0], max_tokens=4).choices[0].text
+
+
+def test_tokenizer_chat_template_is_used_when_present(tiny_dir):
+    from btlm.tokenizer import load_tokenizer
+
+    engine = TorchEngine.from_path(tiny_dir, device="cpu")
+    engine.tokenizer = load_tokenizer()
+    engine.tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
+    engine.chat_template = engine.tokenizer.chat_template
+    with running_server(engine, MODEL) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert client.models.list().data[0].model_dump()["chat_template"] == "the tokenizer's chat template"
+        messages = [{"role": "user", "content": "Say hi."}]
+        chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+        plain = complete(client, "<user>Say hi.\n<assistant>", max_tokens=12)
+        assert chat.choices[0].message.content == plain.choices[0].text  # no plain-template stop added either
