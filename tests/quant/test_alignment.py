@@ -20,6 +20,6 @@ def test_misaligned_int8_embedding_head_is_realigned_and_runs():
     model.emb = emb
     prepare_for_inference(model)
     assert emb.weight_int8.data_ptr() % 64 == 0
-    # without the realignment this call dies with SIGSEGV in torch's AVX2 kernel
+    # without the realignment this call dies with SIGSEGV in torch's AVX512 kernel
     out = TiedInt8Head(emb)(torch.randn(2, 64, generator=torch.Generator().manual_seed(1)))
     assert torch.equal(out, expected)

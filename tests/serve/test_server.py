@@ -246,6 +246,7 @@ def assert_openai_error(err, status, param=None, code=None):
     (dict(stop=["a", "b", "c", "d", "e"]), 400, "stop", None),
     (dict(extra_body={"frobnicate": 1}), 400, "frobnicate", None),
     (dict(prompt=[]), 400, "prompt", None),
+    (dict(prompt=[[15496], [15496, 99999999]]), 400, "prompt", None),  # a bad prompt fails its request alone
 ])
 def test_bad_completion_requests_get_openai_errors(client, kwargs, status, param, code):
     kwargs = {"model": MODEL, "prompt": "hi", "max_tokens": 4, **kwargs}

@@ -85,7 +85,7 @@ def replace_with_empty_quantized(model: nn.Module, config: BTLMQuantConfig) -> N
 def prepare_for_inference(model: nn.Module) -> nn.Module:
     """Convert int4 weights to the kernel layout now rather than on the first forward, and give the int8
     weights 64-byte-aligned storage: safetensors loads them as views into the file at any offset, and
-    torch's AVX2 ``_weight_int8pack_mm`` kernel crashes (SIGSEGV) on a weight that is not aligned."""
+    torch's AVX512 ``_weight_int8pack_mm`` kernel crashes (SIGSEGV) on a weight that is not aligned."""
     for _, module in block_linears(model):
         if isinstance(module, Int4Conv1D):
             module.prepare_kernel()

@@ -161,7 +161,14 @@ def create_app(engine: Engine, model_name: str):
         prompts = prompt_list(req.prompt)
         params = [sampling(req, len(ids), req.max_tokens, req.stop_list(), req.logprobs,
                            prompt_logprobs=req.echo and req.logprobs is not None) for _, ids in prompts]
-        handles = [submit(ids, p) for (_, ids), p in zip(prompts, params)]
+        handles = []
+        try:
+            for (_, ids), p in zip(prompts, params):
+                handles.append(submit(ids, p))
+        except APIError:
+            for h in handles:  # the request fails as a whole
+                h.cancel()
+            raise
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "text_completion", "created": now, "model": model_name, "system_fingerprint": None}
         states = [_CompletionChoice(i, text if req.echo else "", req.logprobs is not None) for i, (text, _) in enumerate(prompts)]

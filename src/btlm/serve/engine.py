@@ -269,6 +269,10 @@ class TorchEngine(Engine):
         if len(prompt_ids) + params.max_tokens > self.context_length:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) is longer than "
                              f"the context ({self.context_length} tokens)")
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:  # checked here: in the batch it would fail every sequence's forward
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
         if self._closing:
             raise EngineError("the engine is shut down")
         handle = GenerationHandle()
