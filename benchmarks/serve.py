@@ -6,7 +6,7 @@ own `python -m llama_cpp.server` as the peer), warmed up with one request, then 
 wall time, time to first token (first streamed text) and request latency, p50 and p99, and the speed-up of
 tokens/s over 1 client.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/serve.py [--preset small] [--variants fp32,int4,llama,llama-server]
+    ATEN_CPU_CAPABILITY=avx2 OMP_WAIT_POLICY=PASSIVE python benchmarks/serve.py [--preset small] [--variants fp32,int4,llama,llama-server]
                                                        [--clients 1,4,16] [--new-tokens 64] [--requests 2]
                                                        [--out benchmarks/results/serve.md]
 
@@ -213,8 +213,9 @@ def markdown(results: dict[str, list[dict] | str], args, load: tuple[float, floa
         lines += ["", "The llama.cpp rows (this engine, and llama-cpp-python's own server on the same GGUF, target ≥ "
                       "0.9× of it) are run by the same command where llama-cpp-python is installed; it was not "
                       "installed for this run (installing it compiles llama.cpp from source)."]
-    cmd = " ".join(["python", "benchmarks/serve.py", *sys.argv[1:]])
-    lines += ["", f"Command: `OMP_WAIT_POLICY=PASSIVE {cmd}` ({os.cpu_count()}-core CPU shared with other jobs; "
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "OMP_WAIT_POLICY") if k in os.environ)
+    cmd = " ".join([env, "python", "benchmarks/serve.py", *sys.argv[1:]]).strip()
+    lines += ["", f"Command: `{cmd}` ({os.cpu_count()}-core CPU shared with other jobs; "
                   f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end)."]
     return "\n".join(lines) + "\n"
 

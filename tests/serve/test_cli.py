@@ -72,7 +72,7 @@ def test_quickstart_runs_as_written(tmp_path):
     assert server.returncode == 0, out
 
 
-def test_serve_errors_are_one_line(tmp_path, capsys):
+def test_serve_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert cli.main(["serve", "--model", str(tmp_path / "missing")]) == 1
     assert capsys.readouterr().err.strip() == f"error: model directory {tmp_path / 'missing'} does not exist"
     gguf = tmp_path / "m.gguf"
@@ -83,6 +83,11 @@ def test_serve_errors_are_one_line(tmp_path, capsys):
         assert cli.main(["serve", "--model", str(gguf)]) == 1
         assert capsys.readouterr().err.strip() == (
             "error: the llama.cpp engine needs llama-cpp-python: pip install 'btlm[llama]'")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else find_spec(name, *a))
+    assert cli.main(["serve", "--model", str(tmp_path)]) == 1  # checked before any model is loaded
+    assert capsys.readouterr().err.strip() == "error: btlm serve needs 'fastapi': pip install 'btlm[serve]'"
+    monkeypatch.undo()
     with pytest.raises(SystemExit):
         cli.main(["serve", "--help"])
     assert "--max-batch-size" in capsys.readouterr().out

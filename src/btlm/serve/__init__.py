@@ -15,11 +15,13 @@ import os
 from pathlib import Path
 
 
-def _require(module: str, extra: str) -> None:
+def check_dependencies() -> None:
+    """One clear error when the ``serve`` extra (FastAPI, uvicorn) is not installed."""
     import importlib.util
 
-    if importlib.util.find_spec(module) is None:
-        raise ImportError(f"btlm serve needs {module!r}: pip install 'btlm[{extra}]'")
+    for module in ("fastapi", "uvicorn"):
+        if importlib.util.find_spec(module) is None:
+            raise ImportError(f"btlm serve needs {module!r}: pip install 'btlm[serve]'")
 
 
 def load_engine(model: str | os.PathLike, engine: str = "auto", dtype=None, device: str | None = None,
@@ -53,8 +55,7 @@ def default_model_name(model: str | os.PathLike) -> str:
 
 def serve(engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Run the HTTP server in the foreground until interrupted; the engine is closed on the way out."""
-    _require("fastapi", "serve")
-    _require("uvicorn", "serve")
+    check_dependencies()
     import uvicorn
 
     from .app import create_app

@@ -29,9 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     from btlm.inference import ModelLoadError
-    from btlm.serve import default_model_name, load_engine, serve
+    from btlm.serve import check_dependencies, default_model_name, load_engine, serve
 
     try:
+        check_dependencies()  # before loading a model for minutes
         engine = load_engine(args.model, engine=args.engine, dtype=args.dtype, device=args.device,
                              max_batch_size=args.max_batch_size, n_ctx=args.n_ctx, n_threads=args.threads)
         serve(engine, args.model_name or default_model_name(args.model), host=args.host, port=args.port,
