@@ -205,10 +205,10 @@ def markdown(results: dict[str, list[dict] | str], args, load: tuple[float, floa
             lines.append(f"| {LABELS[variant]} | {r['clients']} | {r['requests']} | {r['tok_s']:.1f} | {speed} | "
                          f"{r['ttft'][0]:.3f} / {r['ttft'][1]:.3f} | {r['latency'][0]:.2f} / {r['latency'][1]:.2f} |")
     lines += ["", "Target: the torch engine at 16 clients ≥ 4× its 1-client tok/s (continuous batching: one forward "
-              "per step for every running sequence). The int4 rows cannot reach it on this CPU: torch's int4 CPU "
+              "per step for every running sequence). The int4 rows do not reach it on this CPU: torch's int4 CPU "
               "kernel (`_weight_int4pack_mm_for_cpu`) costs time per input row (see `DEQUANT_MIN_ROWS` in "
-              "src/btlm/quant/modules.py), so a 16-sequence decode step costs about 16 single-row steps in the "
-              "linears and batching only amortises the rest (attention, sampling, HTTP)."]
+              "src/btlm/quant/modules.py), so its share of a decode step grows with the batch and batching "
+              "amortises mainly the rest (attention, sampling, HTTP)."]
     if any(isinstance(rows, str) for rows in results.values()):
         lines += ["", "The llama.cpp rows (this engine, and llama-cpp-python's own server on the same GGUF, target ≥ "
                       "0.9× of it) are run by the same command where llama-cpp-python is installed; it was not "
