@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "passkey": ("btlm.eval.passkey", "passkey retrieval accuracy by context length and depth"),
     "quantize": ("btlm.quant.cli", "weight-only int4 / int8 quantisation for CPU inference"),
     "export-gguf": ("btlm.quant.gguf", "write a GGUF file llama.cpp loads through its JAIS architecture"),
+    "lm-eval": ("btlm.eval.lm_eval_cli", "lm-eval's command line with BTLM registered (--model DIR; extra .[eval])"),
+    "serve": ("btlm.serve.cli_entry", "OpenAI-compatible HTTP server (torch engine with batching, or llama.cpp)"),
 }
 
 

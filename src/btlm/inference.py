@@ -7,6 +7,8 @@ weights and writes the directory atomically (a temporary sibling directory renam
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import os
 import re
 import shutil
@@ -138,6 +140,62 @@ def generate_text(model, tokenizer, prompt: str, stream: bool = False, **gen_kwa
     return tokenizer.decode(output[0], skip_special_tokens=True)
 
 
+def generate_batch(model, tokenizer, prompts: list[str], batch_size: int = 8, **gen_kwargs) -> list[str]:
+    """Continuations (without the prompt) of ``prompts``, generated ``batch_size`` at a time in left-padded
+    batches (exact for BTLM: ALiBi sees only distances, and padded keys are masked)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    gen_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(model.device)
+        ids = model.generate(**batch, **gen_kwargs)
+        out += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per non-empty line of ``path`` (``-``: standard input)."""
+    if path == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise ValueError(f"prompt file {path} does not exist") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"no prompts in {'standard input' if path == '-' else path} (one prompt per line)")
+    return prompts
+
+
+def context_overrides(model_path: str, n_positions: int | None = None, alibi_scaling: str | None = None) -> dict:
+    """Config overrides to generate past the trained length, as the model card shows.
+
+    ``n_positions`` raises the position limit; ``alibi_scaling`` is ``dynamic`` (interpolate by ``K /
+    trained length`` once ``K`` keys exceed the checkpoint's ``n_positions``), ``dynamic:L``, ``fixed:F``
+    or ``none``.
+    """
+    from btlm.eval.common import parse_scaling
+
+    overrides = {}
+    if n_positions is not None:
+        if n_positions < 1:
+            raise ValueError(f"--n-positions must be >= 1, got {n_positions}")
+        overrides["n_positions"] = n_positions
+    if alibi_scaling is not None:
+        spec = alibi_scaling.strip().lower()
+        if spec == "dynamic":
+            _check_model_dir(model_path)
+            spec = f"dynamic:{BTLMConfig.from_pretrained(model_path).n_positions}"
+        overrides["alibi_scaling"] = parse_scaling(spec).alibi_scaling
+    return overrides
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 
@@ -156,7 +214,14 @@ def _generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="btlm generate", description=(
         "Generate text with a BTLM model. Output is streamed token by token (except with beam search)."))
     p.add_argument("--model", required=True, help="model directory or hub id (e.g. cerebras/btlm-3b-8k-base)")
-    p.add_argument("--prompt", required=True)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--prompt", help="the prompt (or give --prompt-file, or pipe prompts on standard input)")
+    source.add_argument("--prompt-file", help="one prompt per line ('-' = standard input), generated in batches; "
+                        "prints one JSON line {prompt, completion} per prompt")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --prompt-file / stdin")
+    p.add_argument("--n-positions", type=int, default=None, help="raise the position limit (generate past the trained length)")
+    p.add_argument("--alibi-scaling", default=None,
+                   help="position interpolation: dynamic (by K / trained length past it), dynamic:L, fixed:F or none")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy / beam search")
@@ -181,17 +246,27 @@ def main(argv: list[str] | None = None) -> int:
             out = init_model_dir(args.preset, args.out, seed=args.seed, dtype=args.dtype)
             print(f"wrote a random {args.preset} BTLM to {out}")
             return 0
-        args = _generate_parser().parse_args(rest)
+        parser = _generate_parser()
+        args = parser.parse_args(rest)
+        if args.prompt is None and args.prompt_file is None:
+            if sys.stdin.isatty():
+                parser.error("give --prompt, --prompt-file, or prompts on standard input")
+            args.prompt_file = "-"
+        prompts = read_prompts(args.prompt_file) if args.prompt_file is not None else None
         torch.manual_seed(args.seed)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_model(args.model, dtype=args.dtype, device=device)
+        overrides = context_overrides(args.model, args.n_positions, args.alibi_scaling)
+        model = load_model(args.model, dtype=args.dtype, device=device, **overrides)
         tokenizer = load_tokenizer(args.model) if Path(args.model, "tokenizer_config.json").is_file() else load_tokenizer()
+        gen_kwargs = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          no_repeat_ngram_size=args.no_repeat_ngram_size)
+        if prompts is not None:
+            for prompt, completion in zip(prompts, generate_batch(model, tokenizer, prompts, args.batch_size, **gen_kwargs)):
+                print(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False), flush=True)
+            return 0
         stream = not args.no_stream and args.num_beams == 1
-        text = generate_text(
-            model, tokenizer, args.prompt, stream=stream, max_new_tokens=args.max_new_tokens,
-            num_beams=args.num_beams, do_sample=args.do_sample, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, no_repeat_ngram_size=args.no_repeat_ngram_size,
-        )
+        text = generate_text(model, tokenizer, args.prompt, stream=stream, **gen_kwargs)
         if not stream:
             print(text)
         return 0

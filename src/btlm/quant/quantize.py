@@ -83,11 +83,23 @@ def replace_with_empty_quantized(model: nn.Module, config: BTLMQuantConfig) -> N
 
 
 def prepare_for_inference(model: nn.Module) -> nn.Module:
-    """Convert int4 weights to the kernel layout now rather than on the first forward."""
+    """Convert int4 weights to the kernel layout now rather than on the first forward, and give the int8
+    weights 64-byte-aligned storage: safetensors loads them as views into the file at any offset, and
+    torch's AVX512 ``_weight_int8pack_mm`` kernel crashes (SIGSEGV) on a weight that is not aligned."""
     for _, module in block_linears(model):
         if isinstance(module, Int4Conv1D):
             module.prepare_kernel()
+    for module in model.modules():
+        if isinstance(module, (Int8Conv1D, Int8Embedding)):
+            align_int8_weight(module)
     return model
+
+
+def align_int8_weight(module: nn.Module, alignment: int = 64) -> None:
+    """Copy ``module.weight_int8`` into fresh (allocator-aligned) storage when its data is misaligned."""
+    weight = module.weight_int8
+    if weight.device.type == "cpu" and weight.data_ptr() % alignment:
+        weight.data = weight.data.clone(memory_format=torch.contiguous_format)
 
 
 
