@@ -63,16 +63,15 @@ def build_corpus(out: Path, val_every: int = 20, root: Path | None = None) -> tu
 
 
 def prepare_data(root: Path) -> None:
-    from btlm.data.create_hdf5_dataset import main as lmdata
+    from btlm.cli import main as btlm_main
 
     for split, out in (("train", "train_msl128"), ("val", "val_msl128")):
         target = root / "data" / out
         if list(target.glob("*.h5")):
             print(f"    {target} exists, reusing it")
             continue
-        rc = lmdata(["LMData", "--input_dir", str(root / "corpus" / split), "--output_dir", str(target),
-                     "--max_seq_length", "128", "--processes", "2", "--tokenizer_type", "GPT2Tokenizer"],
-                    prog="btlm data")
+        rc = btlm_main(["data", "LMData", "--input_dir", str(root / "corpus" / split), "--output_dir", str(target),
+                        "--max_seq_length", "128", "--processes", "2", "--tokenizer_type", "GPT2Tokenizer"])
         if rc:
             raise SystemExit(f"error: btlm data LMData failed for {split}")
 
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from btlm.train.convert import checkpoint_to_hf
 
-    hf_dir = checkpoint_to_hf(latest_checkpoint(model_dir), root / "hf_model")
+    hf_dir = checkpoint_to_hf(latest_checkpoint(model_dir), root / "hf_model", overwrite=True)  # the demo's own dir
     model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     tok = AutoTokenizer.from_pretrained(hf_dir)
     prompt = "Return a new list containing"
@@ -178,14 +177,14 @@ def main(argv: list[str] | None = None) -> int:
 def train_in_chunks(params: Path, model_dir: Path, max_steps: int, minutes: float, chunk: int = 25) -> int:
     """``btlm run --mode train --num_steps chunk`` until ``max_steps`` or the time budget; every chunk
     resumes from the previous chunk's checkpoint (the Model Zoo auto-resume). Returns an exit code."""
-    from btlm.run import main as run_main
+    from btlm.cli import main as btlm_main
     from btlm.train.checkpoint import checkpoint_step, latest_checkpoint
 
     deadline = time.perf_counter() + minutes * 60
     step = 0
     while step < max_steps:
         t0 = time.perf_counter()
-        rc = run_main(["CPU", "--mode", "train", "--params", str(params), "--model_dir", str(model_dir),
+        rc = btlm_main(["run", "CPU", "--mode", "train", "--params", str(params), "--model_dir", str(model_dir),
                        "--max_steps", str(max_steps), "--num_steps", str(chunk)])
         if rc:
             return rc

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from btlm.errors import BTLMError
+
 logger = logging.getLogger("btlm.train")
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)(?:_(\d{8}_\d{6}))?\.(mdl|dcp)$")
@@ -32,7 +34,7 @@ LOADABLE_STATES = ("model", "optimizer", "dataloader", "grad_scaler", "lr_schedu
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BTLMError, RuntimeError):
     """A checkpoint that cannot be found, read or applied (the message names the file)."""
 
 

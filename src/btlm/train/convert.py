@@ -1,4 +1,4 @@
-"""``btlm convert``: training checkpoints ↔ the released Hugging Face layout.
+"""Training checkpoints ↔ the released Hugging Face layout (``btlm convert``).
 
 * ``btlm convert to-hf CHECKPOINT OUT_DIR`` — a ``checkpoint_<step>.mdl`` (or FSDP2 ``.dcp`` directory)
   → ``model.safetensors`` + ``config.json`` + tokenizer, loadable with
@@ -13,8 +13,6 @@ Training checkpoints already use the HF parameter names, so conversion is a copy
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,10 +21,14 @@ import yaml
 from .checkpoint import CheckpointError, atomic_torch_save, load_checkpoint_file
 
 
-def read_training_checkpoint(path: str | Path) -> dict:
-    """A ``.mdl`` file or a ``.dcp`` directory as one full, CPU state dict (weights_only-safe)."""
+def read_training_checkpoint(path: str | Path, allow_unpickle: bool = False) -> dict:
+    """A ``.mdl`` file (weights_only-safe) or, with ``allow_unpickle``, a ``.dcp`` directory (whose
+    ``.metadata`` is a pickle) as one full, CPU state dict."""
     path = Path(path)
     if path.is_dir():
+        if not allow_unpickle:
+            raise CheckpointError(f"{path} is a torch.distributed.checkpoint directory, whose .metadata is a pickle "
+                                  "that can run code; pass --allow-unpickle to convert it (only if you wrote it)")
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
         if not (path / ".metadata").is_file():
@@ -39,15 +41,20 @@ def read_training_checkpoint(path: str | Path) -> dict:
     return load_checkpoint_file(path)
 
 
-def checkpoint_to_hf(checkpoint: str | Path, out_dir: str | Path, params_path: str | Path | None = None) -> Path:
-    """Write the model of a training checkpoint in the released HF layout (via ``btlm.inference.save_model``)."""
-    from btlm.inference import save_model
+def checkpoint_to_hf(checkpoint: str | Path, out_dir: str | Path, params_path: str | Path | None = None,
+                     overwrite: bool = False, allow_unpickle: bool = False) -> Path:
+    """Write the model of a training checkpoint in the released HF layout (via :func:`btlm.io.save_model`).
+
+    ``out_dir`` must be new or empty unless ``overwrite`` (which replaces only model files: a run
+    directory's checkpoints and logs stay); ``allow_unpickle`` is needed for a ``.dcp`` directory."""
+    from btlm.io import check_output_dir, save_model
     from btlm.model import BTLMLMHeadModel
 
     from .config import load_params, parse_params
     from .modeling import btlm_config_from_params
 
-    state = read_training_checkpoint(checkpoint)
+    check_output_dir(out_dir, overwrite)
+    state = read_training_checkpoint(checkpoint, allow_unpickle)
     if params_path is not None:
         params, _ = load_params(params_path)
     else:
@@ -64,7 +71,7 @@ def checkpoint_to_hf(checkpoint: str | Path, out_dir: str | Path, params_path: s
         raise CheckpointError(f"{checkpoint}: weights do not match the params' model: "
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
-    return save_model(model, out_dir)
+    return save_model(model, out_dir, overwrite=overwrite)
 
 
 def hf_config_to_params(config) -> dict:
@@ -94,12 +101,18 @@ def hf_config_to_params(config) -> dict:
     return {"model": model, "optimizer": {"adjust_learning_rate": {"decoder_kernel": width}}}
 
 
-def hf_to_checkpoint(model_dir: str | Path, out: str | Path, params_out: str | Path | None = None) -> Path:
-    """HF model directory → ``{"model", "global_step": 0, "__metadata__"}`` checkpoint (fp32 weights)."""
+def hf_to_checkpoint(model_dir: str | Path, out: str | Path, params_out: str | Path | None = None,
+                     overwrite: bool = False) -> Path:
+    """HF model directory → ``{"model", "global_step": 0, "__metadata__"}`` checkpoint (fp32 weights).
+
+    ``out`` (and ``params_out``) must not exist unless ``overwrite``."""
     import torch
 
-    from btlm.inference import load_model
+    from btlm.io import atomic_write, check_output_file, load_model
 
+    check_output_file(out, overwrite)
+    if params_out is not None:
+        check_output_file(params_out, overwrite)
     model = load_model(str(model_dir), dtype=torch.float32)
     sections = hf_config_to_params(model.config)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -109,42 +122,5 @@ def hf_to_checkpoint(model_dir: str | Path, out: str | Path, params_out: str | P
                        "__metadata__": [{"format_version": 1, "model_name": "BTLMLMHeadModel",
                                          "source": str(model_dir), "params": sections}]}, out)
     if params_out is not None:
-        Path(params_out).write_text(yaml.safe_dump(sections, sort_keys=False))
+        atomic_write(params_out, yaml.safe_dump(sections, sort_keys=False))
     return out
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="btlm convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    to_hf = sub.add_parser("to-hf", help="training checkpoint -> HF model directory")
-    to_hf.add_argument("checkpoint", help="checkpoint_<step>.mdl file or checkpoint_<step>.dcp directory")
-    to_hf.add_argument("out_dir", help="output directory (written atomically)")
-    to_hf.add_argument("--params", default=None, help="params YAML (default: the params stored in the checkpoint)")
-    from_hf = sub.add_parser("from-hf", help="HF model directory -> training checkpoint")
-    from_hf.add_argument("model_dir", help="directory with config.json + weights (released layout)")
-    from_hf.add_argument("out", help="output checkpoint file, e.g. runs/ft/checkpoint_0.mdl")
-    from_hf.add_argument("--params-out", default=None, help="write the matching model:/optimizer: YAML sections here")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from btlm.inference import ModelLoadError
-
-    from .config import ConfigError
-
-    try:
-        if args.command == "to-hf":
-            out = checkpoint_to_hf(args.checkpoint, args.out_dir, args.params)
-        else:
-            out = hf_to_checkpoint(args.model_dir, args.out, args.params_out)
-    except (CheckpointError, ConfigError, ModelLoadError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -27,11 +27,12 @@ from .config import InputConfig, Params
 from .metrics import LMEvalMetrics
 from .modeling import build_model, lm_loss
 from .optim import ScheduledLR, build_optimizer
+from btlm.errors import BTLMError
 
 logger = logging.getLogger("btlm.train")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(BTLMError, RuntimeError):
     """A run that cannot continue (NaN loss, nothing to train, bad resume); the message says why."""
 
 
@@ -191,10 +192,21 @@ class Runner:
             path = Path(self.rc.checkpoint_path)
             if not path.exists():
                 raise ckpt.CheckpointError(f"--checkpoint_path {path} does not exist")
+            self._check_unpickle(path)
             return path
         if self.rc.autoload_last_checkpoint:
-            return ckpt.latest_checkpoint(self.model_dir)
+            path = ckpt.latest_checkpoint(self.model_dir)
+            if path is not None:
+                self._check_unpickle(path)
+            return path
         return None
+
+    def _check_unpickle(self, path: Path) -> None:
+        """A ``.dcp`` directory's ``.metadata`` is a pickle (code runs when it loads): only with ``allow_unpickle``."""
+        if path.is_dir() and not self.rc.allow_unpickle:
+            raise ckpt.CheckpointError(
+                f"{path} is a torch.distributed.checkpoint directory, whose .metadata is a pickle that can run code; "
+                "pass --allow_unpickle to load it (only if you wrote it), or --checkpoint_path a .mdl checkpoint")
 
     def _read_checkpoint(self, path: Path, model, optimizer) -> dict:
         """Load model (+ optimizer for train) from ``path``; returns the remaining states."""
@@ -464,7 +476,8 @@ class Runner:
                 state = self._read_checkpoint(path, model, None)  # eval loads only the model (+ step)
                 global_step = int(state.get("global_step", 0))
             else:
-                logger.warning("No checkpoint found in %s: evaluating a freshly initialised model", self.model_dir)
+                raise TrainingError(f"eval: no checkpoint_<step>.mdl in --model_dir {self.model_dir} (and no "
+                                    "--checkpoint_path): nothing to evaluate")
         loader = make_dataloader(p.eval_input, env)
         try:
             n_batches = len(loader)
