@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from btlm.cli import main as btlm_main
 from btlm.eval import passkey
 from btlm.eval.common import EvalError, parse_lengths
 
@@ -86,7 +87,7 @@ def test_lengths_parsing_and_cli_errors(tmp_path, capsys):
     assert parse_lengths("1k,2k,4096") == [1024, 2048, 4096]
     with pytest.raises(EvalError):
         parse_lengths("1k,-2")
-    assert passkey.main(["--model", str(tmp_path), "--depths", "0,2", "--out", str(tmp_path / "o")]) == 1
+    assert btlm_main(["passkey", "--model", str(tmp_path), "--depths", "0,2", "--out", str(tmp_path / "o")]) == 1
     assert "--depths" in capsys.readouterr().err
-    assert passkey.main(["--model", str(tmp_path / "none"), "--lengths", "256", "--out", str(tmp_path / "o")]) == 1
+    assert btlm_main(["passkey", "--model", str(tmp_path / "none"), "--lengths", "256", "--out", str(tmp_path / "o")]) == 1
     assert "does not exist" in capsys.readouterr().err

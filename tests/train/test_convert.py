@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import btlm  # noqa: F401  (registers model_type "btlm" with the Auto classes)
 from btlm.train import checkpoint as ckpt
 from btlm.train.config import parse_params
-from btlm.train.convert import main as convert_main
+from btlm.cli import main as btlm_main
 from btlm.train.modeling import build_model
 from btlm.train.trainer import Runner
 
@@ -53,3 +53,8 @@ def test_export_then_import_round_trip(tiny_raw, tmp_path, capsys):
     capsys.readouterr()
     assert convert_main(["to-hf", str(tmp_path / "missing.mdl"), str(tmp_path / "x")]) == 1
     assert "error: " in capsys.readouterr().err
+
+
+def convert_main(argv: list[str]) -> int:
+    """``btlm convert ARGV`` in this process."""
+    return btlm_main(["convert", *argv])
