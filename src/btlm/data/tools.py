@@ -37,13 +37,15 @@ def _iter_blocks(files: list[str]):
         with h:
             if "data" not in h or h["data"].ndim != 3:
                 raise DataError(f"{f}: expected a dataset 'data' of shape (n, C, msl)")
+            if h["data"].dtype != np.int32:
+                raise DataError(f"{f}: dataset 'data' has dtype {h['data'].dtype}; expected int32 token ids")
             ds = h["data"]
             for s in range(0, ds.shape[0], BLOCK):
                 yield f, s, ds[s: s + BLOCK]
 
 
 def _decoder(data_dir: str):
-    """A decode(ids) function for the tokenizer named in data_params.json (GPT-2 BPE by default)."""
+    """``(decode(ids), vocab_size)`` of the tokenizer named in data_params.json (GPT-2 BPE by default)."""
     tok_type, hf = "GPT2Tokenizer", None
     p = os.path.join(data_dir, "data_params.json")
     if os.path.isfile(p):
@@ -52,7 +54,8 @@ def _decoder(data_dir: str):
         tok_type, hf = proc.get("tokenizer_type", tok_type), proc.get("huggingface_tokenizer")
     from btlm.data.preprocess import BatchTokenizer, TokenizerSpec
 
-    return BatchTokenizer(TokenizerSpec(tok_type, hf)).decode
+    tok = BatchTokenizer(TokenizerSpec(tok_type, hf))
+    return tok.decode, tok.vocab_size
 
 
 def inspect_dir(data_dir: str, row: int = 0, top: int = 10) -> dict:
@@ -76,7 +79,10 @@ def inspect_dir(data_dir: str, row: int = 0, top: int = 10) -> dict:
     for f in files:
         with h5py.File(f, "r") as h:
             n_examples_ok &= int(h.attrs.get("n_examples", -1)) == h["data"].shape[0]
-    decode = _decoder(data_dir)
+    decode, vocab_size = _decoder(data_dir)
+    if counts and max(counts) >= vocab_size:
+        raise DataError(f"{data_dir}: token id {int(max(counts))} is outside the tokenizer's vocab_size {vocab_size} "
+                        "(data prepared with another tokenizer?)")
     params = {}
     if os.path.isfile(os.path.join(data_dir, "data_params.json")):
         with open(os.path.join(data_dir, "data_params.json"), encoding="utf-8") as f:
@@ -132,6 +138,8 @@ def shuffle_dir(in_dir: str, out_dir: str, seed: int, num_output_chunks: int | N
     from tqdm.auto import tqdm
 
     files = _shards(in_dir, recursive=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"output directory {out_dir!r} is a file; expected a directory")
     os.makedirs(out_dir, exist_ok=True)
     if any(f.endswith(".h5") for f in os.listdir(out_dir)):
         raise DataError(f"output directory {out_dir!r} already holds .h5 files")

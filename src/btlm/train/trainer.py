@@ -175,8 +175,21 @@ class Runner:
             return nullcontext()
         return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
 
+    def _check_data(self, loader, cfg: InputConfig) -> None:
+        """The rows must fit the model: msl within max_position_embeddings (checked before any step)."""
+        msl, limit = getattr(loader.dataset, "msl", None), self.params.model.max_position_embeddings
+        if msl is not None and msl > limit:
+            raise TrainingError(f"data_dir {cfg.data_dir or cfg.mixture}: rows of {msl} tokens exceed the model's "
+                                f"max_position_embeddings {limit}")
+
     def _forward_loss(self, model, batch):
-        input_ids = batch["input_ids"].to(self.env.device, non_blocking=True).long()
+        ids = batch["input_ids"]
+        vocab = self.params.model.vocab_size
+        if int(ids.max()) >= vocab or int(ids.min()) < 0:  # the embedding lookup would fail with an index error
+            bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
+            raise TrainingError(f"the data holds token id {bad}, outside the model's vocab_size {vocab} "
+                                "(data prepared with another tokenizer?)")
+        input_ids = ids.to(self.env.device, non_blocking=True).long()
         labels = batch["labels"].to(self.env.device, non_blocking=True)
         mask = batch["attention_mask"].to(self.env.device, non_blocking=True)
         with self._autocast():
@@ -293,6 +306,8 @@ class Runner:
         if p.optimizer is None or p.train_input is None:
             raise TrainingError("train mode needs 'optimizer' and 'train_input' sections in the params")
         self._open_run("train")
+        loader = make_dataloader(p.train_input, env)  # before the model: bad data fails before any compute
+        self._check_data(loader, p.train_input)
         model = self._build_model()
         optimizer = build_optimizer(D.unwrap(model), p.optimizer)
         scheduler = ScheduledLR(optimizer, p.optimizer.schedule())
@@ -303,7 +318,6 @@ class Runner:
             scaler = torch.amp.GradScaler("cuda", init_scale=init, growth_interval=p.optimizer.steps_per_increase,
                                           enabled=True, growth_factor=2.0 if dynamic else 1.0,
                                           backoff_factor=0.5 if dynamic else 1.0)
-        loader = make_dataloader(p.train_input, env)
 
         global_step = 0
         last_ckpt = self._resolve_checkpoint()
@@ -479,6 +493,7 @@ class Runner:
                 raise TrainingError(f"eval: no checkpoint_<step>.mdl in --model_dir {self.model_dir} (and no "
                                     "--checkpoint_path): nothing to evaluate")
         loader = make_dataloader(p.eval_input, env)
+        self._check_data(loader, p.eval_input)
         try:
             n_batches = len(loader)
         except TypeError:
