@@ -219,8 +219,22 @@ def check_model_dir(path: str) -> None:
 def read_config(path: str | os.PathLike, **overrides):
     """``BTLMConfig`` of a model directory; a malformed or mistyped ``config.json`` is a
     :class:`ModelLoadError` naming the file and the value."""
+    import json
+
     from btlm.model import BTLMConfig
 
+    config_file = Path(path) / "config.json"
+    if config_file.is_file():
+        try:
+            raw = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ModelLoadError(f"{config_file} is not valid JSON ({err})") from None
+        if not isinstance(raw, dict):
+            raise ModelLoadError(f"{config_file}: expected a JSON object")
+        for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
+            value = raw.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ModelLoadError(f"{config_file}: {key} = {value!r}; expected a positive integer")
     try:
         return BTLMConfig.from_pretrained(str(path), **overrides)
     except (ValueError, TypeError, KeyError, OSError) as err:

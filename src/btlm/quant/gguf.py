@@ -142,15 +142,10 @@ def _read_config(model_dir: Path):
     read_unquantized_btlm_config(
         model_dir, GGUFExportError, quantized_hint="GGUF needs the unquantised weights: export from the fp32/bf16 "
         "model directory and pick --outtype q8_0/q4_0 instead")
-    from btlm.model import BTLMConfig
+    from btlm.io import ModelLoadError, read_config, validate_config
 
     try:
-        config = BTLMConfig.from_pretrained(str(model_dir))
-    except Exception as e:  # noqa: BLE001 - surface any config error with the path
-        raise GGUFExportError(f"{model_dir / 'config.json'} is not a valid BTLM config: {e}") from None
-    from btlm.io import ModelLoadError, validate_config
-
-    try:
+        config = read_config(model_dir)
         validate_config(config, str(model_dir))
     except ModelLoadError as e:
         raise GGUFExportError(str(e)) from None
