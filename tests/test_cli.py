@@ -97,11 +97,11 @@ def test_exit_codes(capsys):
 
 
 def test_btlm_debug_shows_the_traceback(tmp_path):
-    cmd = [sys.executable, "-m", "btlm", "generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]
+    cmd = [sys.executable, "-m", "btlm", "data", "inspect", str(tmp_path / "missing")]
     quiet = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert quiet.returncode == 1 and quiet.stderr.strip().startswith("error: ") and "Traceback" not in quiet.stderr
     loud = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "BTLM_DEBUG": "1"})
-    assert loud.returncode == 1 and "Traceback" in loud.stderr and "ModelLoadError" in loud.stderr
+    assert loud.returncode == 1 and "Traceback" in loud.stderr and "DataError" in loud.stderr
 
 
 def test_presets_and_choices_spelt_out_in_the_parsers_match_the_library():
