@@ -63,13 +63,15 @@ def atomic_path(path: str | os.PathLike):
         raise
 
 
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write ``data`` (text as UTF-8) to ``path`` through a temporary sibling and ``os.replace``."""
+def atomic_write(path: str | os.PathLike, data: str | bytes, fsync: bool = True) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` through a temporary sibling and ``os.replace``
+    (``fsync=False`` skips the flush to disk, for small files rewritten often)."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
     return Path(path)
 
 

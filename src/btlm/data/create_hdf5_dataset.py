@@ -145,12 +145,11 @@ def shard_name(cfg: dict, idx: int) -> str:
 
 
 def _atomic_json(path: str, obj, indent: int | None = 2) -> None:
-    """Write JSON under a temporary name, then rename (a killed run never leaves half a file)."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    text = json.dumps(obj, indent=indent)  # one write: json.dump's many small writes were slow
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write JSON atomically (a killed run never leaves half a file); one write: json.dump's many small
+    writes were slow, and no fsync: checkpoint.json is rewritten after every shard."""
+    from btlm.io import atomic_write
+
+    atomic_write(path, json.dumps(obj, indent=indent), fsync=False)
 
 
 def _fingerprint(cfg: dict, files: list[str]) -> dict:

@@ -118,12 +118,12 @@ def _write_rows(path: str, data: np.ndarray, compression: str | None) -> None:
     """Write a shard atomically (temp name, rename)."""
     import h5py
 
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with h5py.File(tmp, "w") as h:
+    from btlm.io import atomic_path
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h:
         h.create_dataset("data", data=data, dtype="i4", chunks=(1,) + data.shape[1:],
                          compression=None if compression == "none" else compression)
         h.attrs["n_examples"] = data.shape[0]
-    os.replace(tmp, path)
 
 
 def shuffle_dir(in_dir: str, out_dir: str, seed: int, num_output_chunks: int | None = None,

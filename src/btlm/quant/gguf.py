@@ -445,9 +445,10 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, outty
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                  "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[outtype]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    from btlm.io import atomic_path
+
     with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_path(out))  # renamed onto ``out`` when the block succeeds
         ckpt = _Checkpoint(model_dir, stack)
         plan = _plan(config, ckpt, outtype, n_ff_padded)
         max_bias = _alibi_max_bias(ckpt.get("relative_pe.slopes"), config.n_head)
@@ -474,10 +475,6 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, outty
             writer.write_ti_data_to_file()
             for t in tqdm(plan, desc=f"export-gguf {outtype}", unit="tensor", disable=not progress):
                 writer.write_tensor_data(_encode(t))
+        finally:
             writer.close()
-            os.replace(tmp, out)
-        except BaseException:
-            writer.close()
-            tmp.unlink(missing_ok=True)
-            raise
     return out

@@ -17,7 +17,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -84,17 +83,12 @@ def atomic_torch_save(obj, path: str | Path) -> None:
 
     A crash mid-write leaves the previous checkpoint untouched and no file with a checkpoint name.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from btlm.io import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load_checkpoint_file(path: str | Path) -> dict:

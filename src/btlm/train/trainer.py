@@ -100,10 +100,9 @@ def setup_logging(log_file: Path | None, level: str | int | None, is_main: bool)
 
 
 def write_params_yaml(raw: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
-    tmp.replace(path)
+    from btlm.io import atomic_write
+
+    atomic_write(path, yaml.safe_dump(raw, sort_keys=False))
 
 
 # ---- the runner ----------------------------------------------------------------------------------
