@@ -39,7 +39,9 @@ def build_parser(name: str) -> Parser:
     p.add_argument("--lengths", default="1k,2k,4k,8k", help="prompt lengths in tokens, e.g. 1k,2k,4k,8k,16k")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="relative needle depths in [0, 1]")
     p.add_argument("--trials", type=int, default=5, help="prompts (different keys) per length and depth")
-    p.add_argument("--alibi-scaling", default="none", metavar="SETTING", help=f"one setting: {SCALING_HELP}")
+    p.add_argument("--alibi-scaling", nargs="+", default=["none"], metavar="SETTING",
+                   help=f"one or more settings, each: {SCALING_HELP}; with several, each one's files go to "
+                        "--out/<setting> (':' written as '_')")
     add_seed(p, help_="seed of the passkeys")
     return p
 
@@ -58,9 +60,13 @@ def execute(name: str, args) -> int:
         return 0
     from btlm.eval.passkey import accuracy_table, evaluate_passkey, markdown_table
 
-    rows = evaluate_passkey(args.model, args.out, lengths=args.lengths, depths=args.depths, trials=args.trials,
-                            alibi_scaling=args.alibi_scaling, seed=args.seed, dtype=args.dtype, device=args.device,
-                            overwrite=args.overwrite, progress=progress)
-    print(markdown_table(*accuracy_table(rows)), end="")
-    print(f"wrote {args.out}/passkey.md, .csv, .json and .png")
+    results = evaluate_passkey(args.model, args.out, lengths=args.lengths, depths=args.depths, trials=args.trials,
+                               alibi_scaling=args.alibi_scaling, seed=args.seed, dtype=args.dtype,
+                               device=args.device, overwrite=args.overwrite, progress=progress)
+    for label, rows in results.items():
+        if len(results) > 1:
+            print(f"\nalibi-scaling {label}:")
+        print(markdown_table(*accuracy_table(rows)), end="")
+    where = args.out if len(results) == 1 else f"{args.out}/<setting>"
+    print(f"wrote {where}/passkey.md, .csv, .json and .png")
     return 0

@@ -169,23 +169,32 @@ def _parse_depths(text: str) -> list[float]:
 
 
 def evaluate_passkey(model_path: str, out: str | Path, lengths: str = "1k,2k,4k,8k", depths: str = "0,0.25,0.5,0.75,1",
-                     trials: int = 5, alibi_scaling: str = "none", seed: int = 0, dtype="fp32", device=None,
-                     overwrite: bool = False, progress: bool = True) -> list[dict]:
-    """``btlm passkey``: check the settings and ``out`` (before any compute), run every trial and write
-    the results to ``out``. Returns the trial rows."""
+                     trials: int = 5, alibi_scaling=("none",), seed: int = 0, dtype="fp32", device=None,
+                     overwrite: bool = False, progress: bool = True) -> dict[str, list[dict]]:
+    """``btlm passkey``: check the settings and ``out`` (before any compute), run every trial for each
+    ALiBi-scaling setting (the model is loaded once) and write the results: into ``out`` for one setting,
+    into ``out/<setting>/`` (``:`` written as ``_``) for several. Returns ``{setting label: trial rows}``."""
     from btlm.io import check_output_dir, resolve_tokenizer
 
+    if isinstance(alibi_scaling, str):
+        alibi_scaling = [alibi_scaling]
     if trials < 1:
         raise EvalError(f"--trials must be at least 1, got {trials}")
     length_list, depth_list = parse_lengths(lengths), _parse_depths(depths)
-    setting = parse_scaling(alibi_scaling)
+    settings = [parse_scaling(s) for s in alibi_scaling]
+    if not settings or len({s.label for s in settings}) != len(settings):
+        raise EvalError(f"--alibi-scaling must list each setting once: {list(alibi_scaling)}")
     check_output_dir(out, overwrite, what="--out")
     tokenizer = resolve_tokenizer(model_path)
     trial_list = make_trials(tokenizer, length_list, depth_list, trials, seed)
     model, trained = load_for_context(model_path, max(length_list) + 16, dtype=dtype, device=device)
-    apply_scaling(model, setting)
-    rows = run_trials(model, tokenizer, trial_list, progress=progress)
-    meta = {"model": str(model_path), "alibi_scaling": setting.label, "trials": trials, "seed": seed,
-            "trained_n_positions": trained}
-    write_results(Path(out), rows, meta)
-    return rows
+    results = {}
+    for setting in settings:
+        apply_scaling(model, setting)
+        rows = run_trials(model, tokenizer, trial_list, progress=progress)
+        meta = {"model": str(model_path), "alibi_scaling": setting.label, "trials": trials, "seed": seed,
+                "trained_n_positions": trained}
+        target = Path(out) if len(settings) == 1 else Path(out) / setting.label.replace(":", "_")
+        write_results(target, rows, meta)
+        results[setting.label] = rows
+    return results
