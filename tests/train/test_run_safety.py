@@ -141,3 +141,15 @@ def test_convert_refuses_to_overwrite_a_run_directory(tiny_raw, tmp_path, capsys
     assert "is a directory" in _error(capsys)
     assert btlm_main(["convert", "from-hf", str(md), ckpt]) == 1
     assert "already exists" in _error(capsys)
+
+
+def test_the_torchrun_relaunch_repeats_the_command_line():
+    from btlm.cli import build_parser
+    from btlm.cli.run import _argv
+    from btlm.train.launch import RUNCONFIG_OVERRIDES
+
+    parser = build_parser("run")
+    args = parser.parse_args(["GPU", "--mode", "train", "--params", "p.yaml", "--model_dir", "runs/x", "--max-steps",
+                              "7", "--disable_strict_checkpoint_loading", "--allow-unpickle", "false", "--no-progress"])
+    again = parser.parse_args(_argv(args, {k: getattr(args, k, None) for k in RUNCONFIG_OVERRIDES}))
+    assert vars(again) == vars(args)

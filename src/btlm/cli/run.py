@@ -5,7 +5,7 @@ for ``torchrun``)."""
 
 from __future__ import annotations
 
-from btlm.cli.common import Parser
+from btlm.cli.common import Parser, add_progress
 
 DESCRIPTION = """\
 Train / evaluate a Cerebras Model Zoo BTLM params YAML (Release 2.0-2.1 layout) with PyTorch.
@@ -48,6 +48,7 @@ def build_parser(name: str = "run") -> Parser:
     p.add_argument("--dist-backend", choices=["nccl", "gloo", "mpi"], default=None,
                    help="torch.distributed backend (default: nccl on GPU, gloo on CPU)")
     p.add_argument("--init-method", default=None, help="torch.distributed init method (default env://)")
+    add_progress(p)
     return p
 
 
@@ -55,7 +56,7 @@ def execute(name: str, args) -> int:
     from btlm.train.launch import RUNCONFIG_OVERRIDES, run
 
     overrides = {k: getattr(args, k, None) for k in RUNCONFIG_OVERRIDES}
-    return run(args.params, args.target_device, args.mode, overrides, _argv(args, overrides))
+    return run(args.params, args.target_device, args.mode, overrides, _argv(args, overrides), args.progress)
 
 
 def _argv(args, overrides: dict) -> list[str]:
@@ -64,4 +65,6 @@ def _argv(args, overrides: dict) -> list[str]:
     for key, value in overrides.items():
         if value is not None and key not in ("mode", "target_device"):
             argv += [f"--{key.replace('_', '-')}", str(value)]
+    if args.progress is not None:
+        argv += ["--progress", str(args.progress)]
     return argv

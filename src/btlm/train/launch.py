@@ -32,9 +32,10 @@ def merge_overrides(raw: dict, overrides: dict) -> dict:
     return raw
 
 
-def run(params_path: str, target_device: str, mode: str, overrides: dict, argv: list[str]) -> int:
+def run(params_path: str, target_device: str, mode: str, overrides: dict, argv: list[str],
+        progress: bool | None = None) -> int:
     """Validate, set up (distributed) and run ``mode``; ``argv`` is passed on when relaunching under
-    torchrun. Returns the exit status."""
+    torchrun; ``progress`` None shows bars when stderr is a terminal. Returns the exit status."""
     import torch
 
     from btlm.io import model_dir_lock
@@ -72,7 +73,7 @@ def run(params_path: str, target_device: str, mode: str, overrides: dict, argv: 
     with lock:
         env = D.init_distributed(target_device, rc.dist_backend, rc.init_method, rc.distributed_strategy)
         try:
-            runner = Runner(params, raw, rc.model_dir, target_device, env)
+            runner = Runner(params, raw, rc.model_dir, target_device, env, progress=progress)
             if mode == "train":
                 runner.train()
             elif mode == "eval":

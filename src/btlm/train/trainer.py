@@ -112,11 +112,13 @@ class Runner:
     """Builds everything for one process and runs ``train`` / ``eval`` / ``eval_all``."""
 
     def __init__(self, params: Params, raw: dict, model_dir: str | Path, target_device: str = "CPU",
-                 env: D.DistEnv | None = None):
+                 env: D.DistEnv | None = None, progress: bool | None = None):
         self.params, self.raw = params, raw
         self.rc = params.runconfig
         self.model_dir = Path(model_dir)
         self.target_device = target_device
+        #: progress bars: None = when stderr is a terminal (tqdm's rule); only the main process shows them
+        self.progress = progress
         self.env = env or D.DistEnv(device=torch.device("cuda" if target_device == "GPU" else "cpu"))
         self.model_dir.mkdir(parents=True, exist_ok=True)
         self.writer = None
@@ -135,6 +137,12 @@ class Runner:
         if m.fp16_type == "cbfloat16":
             logger.warning("fp16_type cbfloat16 is a Cerebras format; using bfloat16")
         return {"bfloat16": torch.bfloat16, "float16": torch.float16}[m.half_dtype]
+
+    def _bars_off(self) -> bool | None:
+        """tqdm's ``disable``: None lets tqdm decide by the terminal."""
+        if not self.env.is_main:
+            return True
+        return None if self.progress is None else not self.progress
 
     def _summary_dir(self, mode: str) -> Path:
         return Path(self.rc.summary_dir) if self.rc.summary_dir else self.model_dir / mode
@@ -372,7 +380,7 @@ class Runner:
         start_step = global_step
         t_start = time.perf_counter()
         t_last, samples_since, samples_total = t_start, 0, 0
-        bar = tqdm(total=target - global_step, desc="train", unit="step", disable=None if env.is_main else True)
+        bar = tqdm(total=target - global_step, desc="train", unit="step", disable=self._bars_off())
         while global_step < target:
             loss_sum = torch.zeros((), device=env.device)
             for micro in range(accum):
@@ -505,7 +513,7 @@ class Runner:
         data_iter = iter(loader)
         t0 = time.perf_counter()
         with torch.no_grad():
-            for _ in tqdm(range(steps), desc="eval", unit="batch", disable=None if env.is_main else True):
+            for _ in tqdm(range(steps), desc="eval", unit="batch", disable=self._bars_off()):
                 try:
                     batch = next(data_iter)
                 except StopIteration:  # eval_steps larger than the set: wrap around
