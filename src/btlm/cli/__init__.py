@@ -31,6 +31,7 @@ COMMANDS: dict[str, Command] = {
     "quantize": Command("btlm.cli.quant", "weight-only int4 / int8 quantisation for CPU inference"),
     "quality": Command("btlm.cli.quant", "KL divergence and perplexity change of int8 / int4 quantisation"),
     "export-gguf": Command("btlm.cli.quant", "write a GGUF file llama.cpp loads through its JAIS architecture"),
+    "demo": Command("btlm.cli.demo", "the whole pipeline on CPU in minutes: corpus, data, train, eval, export, sample"),
 }
 
 EXIT_CODES = {0: "success, or --help / --version", 1: "runtime error (bad file, missing checkpoint, failed run)",
