@@ -272,3 +272,19 @@ def test_generate_settings_are_checked_before_the_model_runs(model_dir, capsys, 
     base = ["generate", "--model", str(model_dir), "--prompt", "Hello", "--max-new-tokens", "2"]
     assert btlm([*base, *argv]) == code
     assert words in _error(capsys)
+
+
+def test_data_shuffle_refuses_a_non_empty_output(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.txt").write_text("shuffle me please " * 100)
+    assert btlm(["data", "LMData", "--input-dir", str(raw), "--output-dir", str(tmp_path / "d"), "--processes", "1",
+                 "--max-seq-length", "16", "--no-progress"]) == 0
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert btlm(["data", "shuffle", str(tmp_path / "d"), str(out), "--seed", "1"]) == 1
+    assert "not empty" in _error(capsys)
+    assert btlm(["data", "shuffle", str(tmp_path / "d"), str(out), "--seed", "1", "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "shuffle_params.json").is_file()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from btlm.cli.common import Parser, add_progress, progress_enabled, str2bool
+from btlm.cli.common import Parser, add_overwrite, add_progress, progress_enabled, str2bool
 
 DESCRIPTION = """\
 Prepare HDF5 training data in the Cerebras Model Zoo layout.
@@ -53,6 +53,7 @@ def build_parser(name: str = "data") -> Parser:
     s.add_argument("--seed", type=int, required=True, help="seed of the shuffle (same seed, same output)")
     s.add_argument("--num-output-chunks", type=int, default=None, help="output files (default: as many as inputs)")
     s.add_argument("--compression", choices=("gzip", "lzf", "none"), default="gzip", help="HDF5 compression")
+    add_overwrite(s)
     add_progress(s)
     return ap
 
@@ -82,7 +83,7 @@ def execute(name: str, args) -> int:
     from btlm.data.tools import shuffle_dir
 
     info = shuffle_dir(args.input_dir, args.output_dir, args.seed, args.num_output_chunks, args.compression,
-                       progress_enabled(args.progress))
+                       progress_enabled(args.progress), overwrite=args.overwrite)
     print(f"shuffled {info['rows']} rows from {info['input_files']} files into {info['num_output_chunks']} files "
           f"in {args.output_dir}")
     return 0

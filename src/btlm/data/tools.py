@@ -127,22 +127,25 @@ def _write_rows(path: str, data: np.ndarray, compression: str | None) -> None:
 
 
 def shuffle_dir(in_dir: str, out_dir: str, seed: int, num_output_chunks: int | None = None,
-                compression: str = "gzip", progress: bool = False) -> dict:
+                compression: str = "gzip", progress: bool = False, overwrite: bool = False) -> dict:
     """Globally shuffle every row of ``in_dir``'s shards (recursively) into ``out_dir/data-XXXXX.h5``.
 
     Like the Model Zoo's ``h5_dataset_shuffle.py``, two passes with bounded memory: each row goes to a
     uniformly random output chunk (``np.random.default_rng(seed)``), then each chunk is permuted in memory
     (``default_rng([seed, chunk])``) and written. The temporary split files are removed afterwards.
+    ``out_dir`` must be new or empty unless ``overwrite``; it may never hold ``.h5`` files already (they
+    would mix with the shuffled ones).
     """
     import h5py
     from tqdm.auto import tqdm
 
+    from btlm.io import atomic_write, check_output_dir
+
     files = _shards(in_dir, recursive=True)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise DataError(f"output directory {out_dir!r} is a file; expected a directory")
-    os.makedirs(out_dir, exist_ok=True)
-    if any(f.endswith(".h5") for f in os.listdir(out_dir)):
+    if os.path.isdir(out_dir) and any(f.endswith(".h5") for f in os.listdir(out_dir)):
         raise DataError(f"output directory {out_dir!r} already holds .h5 files")
+    check_output_dir(out_dir, overwrite)
+    os.makedirs(out_dir, exist_ok=True)
     k = int(num_output_chunks or len(files))
     if k < 1:
         raise DataError(f"num_output_chunks = {k}: expected >= 1")
@@ -183,8 +186,8 @@ def shuffle_dir(in_dir: str, out_dir: str, seed: int, num_output_chunks: int | N
         shutil.rmtree(tmp_dir, ignore_errors=True)
     src_params = os.path.join(in_dir, "data_params.json")
     if os.path.isfile(src_params):  # same tokenizer and settings: inspect and users still find them
-        shutil.copyfile(src_params, os.path.join(out_dir, "data_params.json"))
+        with open(src_params, "rb") as f:
+            atomic_write(os.path.join(out_dir, "data_params.json"), f.read())
     info = {"input_dir": in_dir, "input_files": len(files), "seed": seed, "num_output_chunks": k, "rows": total}
-    with open(os.path.join(out_dir, "shuffle_params.json"), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2)
+    atomic_write(os.path.join(out_dir, "shuffle_params.json"), json.dumps(info, indent=2))
     return info
