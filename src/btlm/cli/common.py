@@ -144,9 +144,10 @@ def add_seed(parser, default: int = 0, help_: str = "random seed") -> None:
     parser.add_argument("--seed", type=int, default=default, help=help_)
 
 
-def add_progress(parser, dest: str = "progress") -> None:
-    """``--progress [BOOL]`` / ``--no-progress``; unset means: on when stderr is a terminal."""
-    parser.add_argument("--progress", dest=dest, action="store_true", default=None,
+def add_progress(parser, dest: str = "progress", aliases: tuple[str, ...] = ()) -> None:
+    """``--progress [BOOL]`` (and ``aliases``, e.g. the Model Zoo's ``--display_pbar``) / ``--no-progress``;
+    unset means: on when stderr is a terminal."""
+    parser.add_argument("--progress", *aliases, dest=dest, action="store_true", default=None,
                         help="show progress bars (default: when stderr is a terminal)")
     parser.add_argument("--no-progress", dest=dest, action="store_const", const=False, help="no progress bars")
 

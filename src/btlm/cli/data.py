@@ -35,9 +35,7 @@ def build_parser(name: str = "data") -> Parser:
             continue
         typ = str2bool if typ is data_str2bool else typ
         p.add_argument(f"--{key}", type=typ, default=None, help=f"{help_} (default: {default})")
-    p.add_argument("--progress", "--display_pbar", dest="display_pbar", action="store_true", default=None,
-                   help="show a progress bar (bytes, documents/s, tokens/s, ETA); default: when stderr is a terminal")
-    p.add_argument("--no-progress", dest="display_pbar", action="store_const", const=False, help="no progress bar")
+    add_progress(p, dest="display_pbar", aliases=("--display_pbar",))
 
     i = sub.add_parser("inspect", help="summarise a directory of .h5 shards",
                        description="Summarise a directory of .h5 shards: counts, token statistics, a decoded row.")
@@ -54,7 +52,7 @@ def build_parser(name: str = "data") -> Parser:
     s.add_argument("--num-output-chunks", type=int, default=None, help="output files (default: as many as inputs)")
     s.add_argument("--compression", choices=("gzip", "lzf", "none"), default="gzip", help="HDF5 compression")
     add_overwrite(s)
-    add_progress(s)
+    add_progress(s, aliases=("--display_pbar",))
     return ap
 
 
