@@ -17,7 +17,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 demo: setup
-	$(BIN)/python -m btlm.demo
+	$(BIN)/btlm demo
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -59,7 +59,7 @@ def ensure_models(workdir: Path, preset: str, variants: list[str]) -> dict[str, 
     if "int4" in variants:
         int4 = workdir / f"{preset}-int4"
         if not (int4 / "config.json").is_file():
-            from btlm.quant.cli import quantize_dir
+            from btlm.quant.quantize import quantize_dir
 
             quantize_dir(fp32, int4, bits=4, group_size=128)
         paths["int4"] = int4

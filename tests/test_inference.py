@@ -113,12 +113,14 @@ def test_cli_help_lists_commands(capsys):
         assert name in text
 
 
-def test_every_cli_command_has_a_main():
-    """The dispatcher must not list a command whose module is missing or has no ``main(argv)``."""
+def test_every_cli_command_has_a_parser_and_an_executor():
+    """The dispatcher must not list a command whose module is missing, or lacks ``build_parser`` / ``execute``."""
     import importlib
 
-    for name, (module, _) in cli.COMMANDS.items():
-        assert callable(getattr(importlib.import_module(module), "main", None)), name
+    for name, command in cli.COMMANDS.items():
+        module = importlib.import_module(command.module)
+        assert callable(getattr(module, "execute", None)), name
+        assert cli.build_parser(name).prog == f"btlm {name}"
 
 
 def test_python_dash_m_btlm_runs_the_cli():

@@ -1,4 +1,4 @@
-"""``make demo`` / ``python -m btlm.demo``: the whole training pipeline on CPU in a few minutes, offline.
+"""``make demo`` / ``btlm demo``: the whole training pipeline on CPU in a few minutes, offline.
 
 1. builds a small real-English corpus from the Python standard library's docstrings (on every machine
    with Python, no download), split into train / validation by module;
@@ -14,7 +14,6 @@ Everything goes to ``demo_out/`` (re-running resumes / reuses what is there; del
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import sys
@@ -63,18 +62,18 @@ def build_corpus(out: Path, val_every: int = 20, root: Path | None = None) -> tu
 
 
 def prepare_data(root: Path) -> None:
-    from btlm.data.create_hdf5_dataset import main as lmdata
+    from btlm.data.create_hdf5_dataset import run
+    from btlm.data.options import load_config
 
     for split, out in (("train", "train_msl128"), ("val", "val_msl128")):
         target = root / "data" / out
         if list(target.glob("*.h5")):
             print(f"    {target} exists, reusing it")
             continue
-        rc = lmdata(["LMData", "--input_dir", str(root / "corpus" / split), "--output_dir", str(target),
-                     "--max_seq_length", "128", "--processes", "2", "--tokenizer_type", "GPT2Tokenizer"],
-                    prog="btlm data")
-        if rc:
-            raise SystemExit(f"error: btlm data LMData failed for {split}")
+        info = run(load_config(None, {"input_dir": str(root / "corpus" / split), "output_dir": str(target),
+                                      "max_seq_length": 128, "processes": 2, "tokenizer_type": "GPT2Tokenizer"}))
+        pp = info["post-process"]
+        print(f"    wrote {pp['n_shards']} shards, {pp['n_examples']} rows of 128 tokens to {target}")
 
 
 def plot_losses(losses: dict[int, float], eval_loss: float, step: int, path: Path) -> None:
@@ -101,16 +100,11 @@ def plot_losses(losses: dict[int, float], eval_loss: float, step: int, path: Pat
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m btlm.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
-    parser.add_argument("--max_steps", type=int, default=None, help="override the config's max_steps")
-    parser.add_argument("--train_minutes", type=float, default=6.0,
-                        help="stop training (at a chunk boundary) after this many minutes (default 6), so the "
-                             "demo stays under 10 minutes on a slow or busy machine; re-running resumes")
-    args = parser.parse_args(argv)
-    root = Path(args.out).resolve()
+def run_demo(out: str | Path = "demo_out", max_steps: int | None = None, train_minutes: float = 6.0) -> int:
+    """The whole demo into ``out`` (re-running resumes / reuses what is there); returns an exit status.
+
+    ``max_steps`` overrides the config's; training stops at a chunk boundary after ``train_minutes``."""
+    root = Path(out).resolve()
     t0 = time.perf_counter()
 
     import yaml
@@ -134,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = root / "model_dir"
 
     _step(3, f"training: btlm run CPU --mode train --params {params.name} --model_dir {model_dir}")
-    if train_in_chunks(params, model_dir, args.max_steps or raw["runconfig"]["max_steps"], args.train_minutes):
+    if train_in_chunks(params, model_dir, max_steps or raw["runconfig"]["max_steps"], train_minutes):
         return 1
 
     _step(4, "evaluating on the held-out modules: btlm run CPU --mode eval")
@@ -159,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from btlm.train.convert import checkpoint_to_hf
 
-    hf_dir = checkpoint_to_hf(latest_checkpoint(model_dir), root / "hf_model")
+    hf_dir = checkpoint_to_hf(latest_checkpoint(model_dir), root / "hf_model", overwrite=True)  # the demo's own dir
     model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     tok = AutoTokenizer.from_pretrained(hf_dir)
     prompt = "Return a new list containing"
@@ -178,15 +172,15 @@ def main(argv: list[str] | None = None) -> int:
 def train_in_chunks(params: Path, model_dir: Path, max_steps: int, minutes: float, chunk: int = 25) -> int:
     """``btlm run --mode train --num_steps chunk`` until ``max_steps`` or the time budget; every chunk
     resumes from the previous chunk's checkpoint (the Model Zoo auto-resume). Returns an exit code."""
-    from btlm.run import main as run_main
     from btlm.train.checkpoint import checkpoint_step, latest_checkpoint
+    from btlm.train.launch import run
 
     deadline = time.perf_counter() + minutes * 60
     step = 0
     while step < max_steps:
         t0 = time.perf_counter()
-        rc = run_main(["CPU", "--mode", "train", "--params", str(params), "--model_dir", str(model_dir),
-                       "--max_steps", str(max_steps), "--num_steps", str(chunk)])
+        rc = run(str(params), "CPU", "train", {"model_dir": str(model_dir), "max_steps": max_steps,
+                                               "num_steps": chunk}, argv=[])
         if rc:
             return rc
         step = checkpoint_step(latest_checkpoint(model_dir))
@@ -206,5 +200,5 @@ def _train_losses(model_dir: Path) -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars("loss")}
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # ``python -m btlm.demo`` (as before ``btlm demo`` existed)
+    sys.exit(run_demo())

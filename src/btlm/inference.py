@@ -1,136 +1,50 @@
-"""Load, save, initialise and generate: the functions behind ``btlm init`` and ``btlm generate``.
+"""Initialise and generate: the library functions behind ``btlm init`` and ``btlm generate``.
 
-Every model the project writes goes through :func:`save_model`, which puts the tokenizer next to the
-weights and writes the directory atomically (a temporary sibling directory renamed into place).
+Loading and saving model directories lives in :mod:`btlm.io` (re-exported here: ``load_model``,
+``save_model``, ``ModelLoadError``, ``parse_dtype``).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
-import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from btlm.model import BTLMConfig, BTLMLMHeadModel, config_from_preset, PRESETS
-from btlm.tokenizer import load_tokenizer, save_tokenizer
+from btlm.errors import UsageError
+from btlm.io import ModelLoadError, load_model, parse_dtype, read_config, resolve_tokenizer, save_model
+from btlm.model import BTLMLMHeadModel, config_from_preset
 
-MULTI_COMMAND = True  # this module serves `btlm init` and `btlm generate` (see btlm.cli)
-
-_DTYPES = {"auto": "auto", "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    """A model directory or checkpoint that cannot be loaded as BTLM (the message says why)."""
+__all__ = ["ModelLoadError", "check_generation_args", "context_overrides", "generate_batch", "generate_text", "init_model_dir", "load_model",
+           "parse_dtype", "read_prompts", "resolve_tokenizer", "save_model"]
 
 
-def parse_dtype(name: str | torch.dtype | None):
-    """``"fp32"``/``"bf16"``/``"fp16"``/``"auto"`` (or a ``torch.dtype``) → what ``from_pretrained`` takes."""
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+def init_model_dir(preset: str, out_dir: str | os.PathLike, seed: int = 0, dtype=None, overwrite: bool = False,
+                   **overrides) -> Path:
+    """Write a randomly initialised BTLM of a preset shape (muP init) plus tokenizer to ``out_dir``.
 
+    An existing non-empty ``out_dir`` is refused unless ``overwrite`` (see :func:`btlm.io.atomic_dir`)."""
+    from btlm.io import check_output_dir
 
-def _check_model_dir(path: str) -> None:
-    """Fail early, naming the path, for a local directory that cannot hold a model.
-
-    A string that is not an existing path but has the hub form ``owner/name`` is left to the hub
-    machinery (e.g. ``cerebras/btlm-3b-8k-base``)."""
-    p = Path(path)
-    if not p.exists():
-        if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]", path):
-            return
-        raise ModelLoadError(f"model directory {path} does not exist")
-    if not p.is_dir():
-        raise ModelLoadError(f"{path} is a file; expected a model directory")
-    if not (p / "config.json").is_file():
-        raise ModelLoadError(f"{path} has no config.json: it is not a Hugging Face model directory")
-    if not any(p.glob("*.safetensors")) and not any(p.glob("pytorch_model*.bin")):
-        raise ModelLoadError(f"{path} has no weights (model*.safetensors or pytorch_model*.bin)")
-
-
-def load_model(path: str | os.PathLike, dtype=None, device=None, **config_overrides) -> BTLMLMHeadModel:
-    """Load a BTLM checkpoint (a local directory or a hub id) in the released HF layout.
-
-    Accepts ``pytorch_model.bin`` (loaded with ``weights_only``), ``model.safetensors`` and sharded
-    variants; legacy ``attn.bias``/``attn.masked_bias`` buffers are ignored. Missing keys or wrong
-    shapes raise :class:`ModelLoadError` naming them, instead of leaving randomly initialised weights.
-    ``config_overrides`` edit the config before loading (e.g. ``n_positions=16384,
-    alibi_scaling={"type": "linear", "train_seq_len": 8192}``).
-    """
-    path = str(path)
-    _check_model_dir(path)
-    config = BTLMConfig.from_pretrained(path, **config_overrides)
-    # ignore_mismatched_sizes only defers the shape check to us, so the error can name the keys.
-    model, info = BTLMLMHeadModel.from_pretrained(
-        path, config=config, dtype=parse_dtype(dtype) or "auto", output_loading_info=True, ignore_mismatched_sizes=True
-    )
-    missing = sorted(k for k in info["missing_keys"] if k != "lm_head.weight")
-    mismatched = [f"{k[0]} (checkpoint {list(k[1])}, model {list(k[2])})" if isinstance(k, tuple) and len(k) == 3 else str(k)
-                  for k in info.get("mismatched_keys") or []]
-    if missing or mismatched:
-        raise ModelLoadError(
-            f"checkpoint {path} does not match its config.json: missing keys {missing[:8]}"
-            f"{' …' if len(missing) > 8 else ''}; wrong shapes {mismatched[:8]}"
-        )
-    if device is not None:
-        model = model.to(device)
-    return model.eval()
-
-
-def save_model(model: BTLMLMHeadModel, out_dir: str | os.PathLike, tokenizer=None, **save_kwargs) -> Path:
-    """Write ``model`` (config.json + safetensors in the released layout) and the tokenizer to ``out_dir``.
-
-    ``tokenizer``: the one to bundle (default GPT-2's), or ``False`` for none (a model whose vocabulary
-    GPT-2's ids do not fit).
-
-    The files are written into a temporary sibling directory that replaces ``out_dir`` only when
-    complete, so a killed process never leaves a half-written model that looks finished.
-    """
-    out = Path(out_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, **save_kwargs)
-        if tokenizer is not False:
-            save_tokenizer(tmp, tokenizer)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def init_model_dir(preset: str, out_dir: str | os.PathLike, seed: int = 0, dtype=None, **overrides) -> Path:
-    """Write a randomly initialised BTLM of a preset shape (muP init) plus tokenizer to ``out_dir``."""
+    check_output_dir(out_dir, overwrite)
     config = config_from_preset(preset, **overrides)
     torch.manual_seed(seed)
     dtype = parse_dtype(dtype)
     model = BTLMLMHeadModel(config)
     if dtype not in (None, "auto"):
         model = model.to(dtype)
-    return save_model(model, out_dir)
+    return save_model(model, out_dir, overwrite=overwrite)
 
 
 def generate_text(model, tokenizer, prompt: str, stream: bool = False, **gen_kwargs) -> str:
     """Generate a continuation of ``prompt``; with ``stream`` the text is printed as it is produced."""
     from transformers import TextStreamer
 
+    if not prompt:
+        raise UsageError("--prompt is empty: give the text to continue, e.g. --prompt 'Hello'")
+    check_generation_args(**gen_kwargs)
     inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
     streamer = TextStreamer(tokenizer, skip_special_tokens=True) if stream else None
     if gen_kwargs.get("num_beams", 1) > 1:
@@ -144,7 +58,7 @@ def generate_batch(model, tokenizer, prompts: list[str], batch_size: int = 8, **
     """Continuations (without the prompt) of ``prompts``, generated ``batch_size`` at a time in left-padded
     batches (exact for BTLM: ALiBi sees only distances, and padded keys are masked)."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     tokenizer = copy.copy(tokenizer)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -166,10 +80,10 @@ def read_prompts(path: str) -> list[str]:
         try:
             lines = Path(path).read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
-            raise ValueError(f"prompt file {path} does not exist") from None
+            raise UsageError(f"prompt file {path} does not exist") from None
     prompts = [line for line in lines if line.strip()]
     if not prompts:
-        raise ValueError(f"no prompts in {'standard input' if path == '-' else path} (one prompt per line)")
+        raise UsageError(f"no prompts in {'standard input' if path == '-' else path} (one prompt per line)")
     return prompts
 
 
@@ -185,91 +99,26 @@ def context_overrides(model_path: str, n_positions: int | None = None, alibi_sca
     overrides = {}
     if n_positions is not None:
         if n_positions < 1:
-            raise ValueError(f"--n-positions must be >= 1, got {n_positions}")
+            raise UsageError(f"--n-positions must be >= 1, got {n_positions}")
         overrides["n_positions"] = n_positions
     if alibi_scaling is not None:
         spec = alibi_scaling.strip().lower()
         if spec == "dynamic":
-            _check_model_dir(model_path)
-            spec = f"dynamic:{BTLMConfig.from_pretrained(model_path).n_positions}"
+            spec = f"dynamic:{read_config(model_path).n_positions}"
         overrides["alibi_scaling"] = parse_scaling(spec).alibi_scaling
     return overrides
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def _init_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="btlm init", description=(
-        "Write a randomly initialised BTLM model (muP init) and the GPT-2 tokenizer in the released HF "
-        "layout, for offline use, tests and benchmarks."))
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shape (3b = the released shape)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="fp32", choices=sorted(k for k in _DTYPES if k != "auto"), help="storage dtype")
-    return p
-
-
-def _generate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="btlm generate", description=(
-        "Generate text with a BTLM model. Output is streamed token by token (except with beam search)."))
-    p.add_argument("--model", required=True, help="model directory or hub id (e.g. cerebras/btlm-3b-8k-base)")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--prompt", help="the prompt (or give --prompt-file, or pipe prompts on standard input)")
-    source.add_argument("--prompt-file", help="one prompt per line ('-' = standard input), generated in batches; "
-                        "prints one JSON line {prompt, completion} per prompt")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --prompt-file / stdin")
-    p.add_argument("--n-positions", type=int, default=None, help="raise the position limit (generate past the trained length)")
-    p.add_argument("--alibi-scaling", default=None,
-                   help="position interpolation: dynamic (by K / trained length past it), dynamic:L, fixed:F or none")
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy / beam search")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
-    p.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES),
-                   help="compute dtype (fp32 default: bf16 matmuls are slow on CPUs without AVX512-BF16)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-stream", action="store_true", help="print the whole text at the end instead of streaming")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command, rest = (argv[0], argv[1:]) if argv and argv[0] in ("init", "generate") else ("generate", argv)
-    try:
-        if command == "init":
-            args = _init_parser().parse_args(rest)
-            out = init_model_dir(args.preset, args.out, seed=args.seed, dtype=args.dtype)
-            print(f"wrote a random {args.preset} BTLM to {out}")
-            return 0
-        parser = _generate_parser()
-        args = parser.parse_args(rest)
-        if args.prompt is None and args.prompt_file is None:
-            if sys.stdin.isatty():
-                parser.error("give --prompt, --prompt-file, or prompts on standard input")
-            args.prompt_file = "-"
-        prompts = read_prompts(args.prompt_file) if args.prompt_file is not None else None
-        torch.manual_seed(args.seed)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        overrides = context_overrides(args.model, args.n_positions, args.alibi_scaling)
-        model = load_model(args.model, dtype=args.dtype, device=device, **overrides)
-        tokenizer = load_tokenizer(args.model) if Path(args.model, "tokenizer_config.json").is_file() else load_tokenizer()
-        gen_kwargs = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          no_repeat_ngram_size=args.no_repeat_ngram_size)
-        if prompts is not None:
-            for prompt, completion in zip(prompts, generate_batch(model, tokenizer, prompts, args.batch_size, **gen_kwargs)):
-                print(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False), flush=True)
-            return 0
-        stream = not args.no_stream and args.num_beams == 1
-        text = generate_text(model, tokenizer, args.prompt, stream=stream, **gen_kwargs)
-        if not stream:
-            print(text)
-        return 0
-    except (ModelLoadError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+def check_generation_args(max_new_tokens: int = 1, num_beams: int = 1, temperature: float = 1.0, top_k: int = 0,
+                          top_p: float = 1.0, no_repeat_ngram_size: int = 0, **_ignored) -> None:
+    """Range-check the generation settings before the model runs (``num_beams=0`` otherwise divides by
+    zero deep inside ``generate``, ``top_p=2`` is silently accepted)."""
+    checks = [("max-new-tokens", max_new_tokens, max_new_tokens >= 1, "an integer >= 1"),
+              ("num-beams", num_beams, num_beams >= 1, "an integer >= 1"),
+              ("temperature", temperature, temperature > 0, "a number > 0"),
+              ("top-k", top_k, top_k >= 0, "an integer >= 0 (0 = no top-k filtering)"),
+              ("top-p", top_p, 0 < top_p <= 1, "a probability in (0, 1]"),
+              ("no-repeat-ngram-size", no_repeat_ngram_size, no_repeat_ngram_size >= 0, "an integer >= 0")]
+    for name, value, ok, expected in checks:
+        if not ok:
+            raise UsageError(f"--{name} {value}: expected {expected}")

@@ -10,7 +10,7 @@ import pytest
 from conftest import cfg, expected_stream, make_docs, prepare, read_rows, stream_of, write_jsonl
 
 from btlm.data import DataError
-from btlm.data.create_hdf5_dataset import main as lmdata_main
+from btlm.cli import main as btlm_main
 from btlm.tokenizer import EOS_ID
 
 
@@ -109,12 +109,11 @@ def test_bad_records_are_counted_with_location(tmp_path):
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     rc = lmdata_main(["LMData", "--input_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")])
-    assert rc == 2 and capsys.readouterr().err.startswith("error: input_dir")
+    assert rc == 1 and capsys.readouterr().err.startswith("error: input_dir")
     (tmp_path / "p.yaml").write_text("processing:\n  max_seq_lenght: 128\n")
     rc = lmdata_main(["LMData", "--params", str(tmp_path / "p.yaml")])
-    assert rc == 2 and "unknown key processing.max_seq_lenght" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        lmdata_main(["LMData", "--max_seq_length", "abc"])
+    assert rc == 1 and "unknown key processing.max_seq_lenght" in capsys.readouterr().err
+    assert lmdata_main(["LMData", "--max_seq_length", "abc"]) == 2  # usage error, argparse's convention
 
 
 def test_yaml_params_and_cli_override(corpus, tmp_path):
@@ -127,7 +126,7 @@ def test_yaml_params_and_cli_override(corpus, tmp_path):
     assert params["processing"]["max_seq_length"] == 48 and params["processing"]["files_per_record"] == 1000
     assert read_rows(tmp_path / "o").shape[1:] == (3, 48)
     # a second run into a non-empty directory refuses instead of mixing shards
-    assert lmdata_main(["LMData", "--params", str(y)]) == 2
+    assert lmdata_main(["LMData", "--params", str(y)]) == 1
 
 
 def test_ftfy_is_off_by_default_and_fixes_mojibake(tmp_path):
@@ -229,6 +228,11 @@ def test_gpt2_vocab_files_load_like_tiktoken(tmp_path):
     (tmp_path / "bad.bpe").write_text("\n".join(lines), encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.bpe.*merge 1 .* does not match encoder id 256"):
         prepare(d, tmp_path / "o2", vocab_file=str(tmp_path / "bad.bpe"), encoder_file=encoder)
+
+
+def lmdata_main(argv: list[str]) -> int:
+    """``btlm data ARGV`` in this process."""
+    return btlm_main(["data", *argv])
 
 
 def test_empty_and_whitespace_documents_follow_model_zoo(tmp_path):

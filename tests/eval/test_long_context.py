@@ -149,7 +149,7 @@ def test_cli_16k_tokens_bounded_memory(tmp_path):
     context = 16384
     _write_shard(tmp_path / "shard.h5", np.random.default_rng(0).integers(0, V, 64 * 257), pad_tail=0)
     out = tmp_path / "out"
-    from btlm.eval.long_context import main
+    from btlm.cli import main as btlm
 
     rss_before, peak, done = _current_rss_gib(), [0.0], threading.Event()
 
@@ -160,7 +160,7 @@ def test_cli_16k_tokens_bounded_memory(tmp_path):
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        assert main(["--model", str(tmp_path / "m"), "--data", str(tmp_path / "shard.h5"), "--context", str(context),
+        assert btlm(["eval-long", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "shard.h5"), "--context", str(context),
                      "--num-docs", "1", "--alibi-scaling", "dynamic:512", "--out", str(out)]) == 0
     finally:
         done.set()
@@ -175,12 +175,12 @@ def test_cli_16k_tokens_bounded_memory(tmp_path):
 
 
 def test_cli_bad_input_is_one_error_line(tmp_path, capsys):
-    from btlm.eval.long_context import main
+    from btlm.cli import main as btlm
 
-    assert main(["--model", str(tmp_path), "--data", str(tmp_path / "nope.h5"), "--out", str(tmp_path / "o")]) == 1
+    assert btlm(["eval-long", "--model", str(tmp_path), "--data", str(tmp_path / "nope.h5"), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error:") and "nope.h5" in err
-    assert main(["--model", str(tmp_path), "--data", str(tmp_path), "--alibi-scaling", "fixed:0.5",
+    assert btlm(["eval-long", "--model", str(tmp_path), "--data", str(tmp_path), "--alibi-scaling", "fixed:0.5",
                  "--out", str(tmp_path / "o")]) == 1
     assert "fixed:0.5" in capsys.readouterr().err
 

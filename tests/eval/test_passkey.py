@@ -1,11 +1,13 @@
 """btlm passkey: prompt construction, scorer, determinism, and the accuracy table / outputs."""
 
+import json
 import re
 
 import numpy as np
 import pytest
 import torch
 
+from btlm.cli import main as btlm_main
 from btlm.eval import passkey
 from btlm.eval.common import EvalError, parse_lengths
 
@@ -86,7 +88,27 @@ def test_lengths_parsing_and_cli_errors(tmp_path, capsys):
     assert parse_lengths("1k,2k,4096") == [1024, 2048, 4096]
     with pytest.raises(EvalError):
         parse_lengths("1k,-2")
-    assert passkey.main(["--model", str(tmp_path), "--depths", "0,2", "--out", str(tmp_path / "o")]) == 1
+    assert btlm_main(["passkey", "--model", str(tmp_path), "--depths", "0,2", "--out", str(tmp_path / "o")]) == 1
     assert "--depths" in capsys.readouterr().err
-    assert passkey.main(["--model", str(tmp_path / "none"), "--lengths", "256", "--out", str(tmp_path / "o")]) == 1
+    assert btlm_main(["passkey", "--model", str(tmp_path / "none"), "--lengths", "256", "--out", str(tmp_path / "o")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_several_scaling_settings_in_one_run(tmp_path, capsys):
+    from btlm.io import save_model
+    from btlm.model import BTLMLMHeadModel, config_from_preset
+
+    torch.manual_seed(0)
+    save_model(BTLMLMHeadModel(config_from_preset("tiny", n_positions=128)), tmp_path / "m")
+    out = tmp_path / "out"
+    assert btlm_main(["passkey", "--model", str(tmp_path / "m"), "--lengths", "128", "--depths", "0,1", "--trials",
+                      "1", "--alibi-scaling", "none", "dynamic:64", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "alibi-scaling none:" in printed and "alibi-scaling dynamic:64:" in printed
+    for label in ("none", "dynamic_64"):
+        summary = json.loads((out / label / "passkey.json").read_text())
+        assert summary["alibi_scaling"] == label.replace("_", ":") and summary["lengths"] == [128]
+    # the same trials (same keys) for every setting
+    keys = [[t["key"] for t in json.loads((out / d / "passkey.json").read_text())["trials_detail"]]
+            for d in ("none", "dynamic_64")]
+    assert keys[0] == keys[1]

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import btlm  # noqa: F401  (registers the Auto classes)
+from btlm.errors import OutputPathError
 from btlm.inference import ModelLoadError, load_model, save_model
 from btlm.model import BTLMLMHeadModel, BTLMModel
 from tests.conftest import make_model
@@ -115,7 +116,9 @@ def test_save_load_round_trip_safetensors(tmp_path, shard):
 def test_save_model_replaces_directory_atomically(tmp_path):
     out = tmp_path / "m"
     save_model(make_model("sdpa", seed=1), out)
-    save_model(make_model("sdpa", seed=2), out)
+    with pytest.raises(OutputPathError, match="not empty"):  # never replaced without overwrite=True
+        save_model(make_model("sdpa", seed=2), out)
+    save_model(make_model("sdpa", seed=2), out, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp or old directories left behind
     torch.testing.assert_close(load_model(out)(X).logits, make_model("sdpa", seed=2)(X).logits)
 

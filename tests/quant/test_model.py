@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 import btlm  # noqa: F401  (registers the model classes)
 from btlm.quant import QuantizationError, load_quantized, quantize_model, register, save_quantized
-from btlm.quant import cli, modules
+from btlm.cli import main as btlm_main
+from btlm.quant import modules
 from btlm.quant.modules import Int4Conv1D, Int8Conv1D, Int8Embedding, TiedInt8Head
 from tests.conftest import make_model
 
@@ -94,18 +95,20 @@ def test_cli_quantize_and_errors(model, ids, tmp_path, capsys):
     from btlm.inference import save_model
 
     fp_dir = save_model(model, tmp_path / "fp")
-    assert cli.main(["--model", str(fp_dir), "--bits", "8", "--embedding", "keep", "--out", str(tmp_path / "q8")]) == 0
+    assert btlm_main(["quantize", "--model", str(fp_dir), "--bits", "8", "--embedding", "keep", "--out", str(tmp_path / "q8")]) == 0
     q8 = load_quantized(tmp_path / "q8")
     assert isinstance(q8.transformer.h[0].attn.c_attn, Int8Conv1D)
     assert isinstance(q8.transformer.wte, torch.nn.Embedding)
     assert _kl(model(ids).logits.view(-1, 300), q8(ids).logits.view(-1, 300)) < 2e-4
 
-    def error(argv):
-        assert cli.main(argv) == 1
+    def error(argv, code=1):
+        assert btlm_main(["quantize", *argv]) == code
         return capsys.readouterr().err
 
-    assert "bit width 3" in error(["--model", str(fp_dir), "--bits", "3", "--out", str(tmp_path / "x")])
-    assert "group size 100" in error(["--model", str(fp_dir), "--group-size", "100", "--out", str(tmp_path / "x")])
+    # out-of-range settings are usage errors (exit 2) named by argparse
+    assert "invalid choice: 3" in error(["--model", str(fp_dir), "--bits", "3", "--out", str(tmp_path / "x")], 2)
+    assert "invalid choice: 100" in error(["--model", str(fp_dir), "--group-size", "100", "--out",
+                                                         str(tmp_path / "x")], 2)
     assert "does not exist" in error(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()

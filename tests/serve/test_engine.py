@@ -60,7 +60,7 @@ def test_batched_greedy_equals_generate_alone(variant):
 
 
 def test_int4_model_is_served_like_generate(tmp_path, tiny_dir):
-    from btlm.quant.cli import quantize_dir
+    from btlm.quant.quantize import quantize_dir
 
     qdir = quantize_dir(tiny_dir, tmp_path / "tiny-int4", bits=4, group_size=32)
     engine = TorchEngine.from_path(qdir, device="cpu")

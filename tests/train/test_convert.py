@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 import btlm  # noqa: F401  (registers model_type "btlm" with the Auto classes)
 from btlm.train import checkpoint as ckpt
 from btlm.train.config import parse_params
-from btlm.train.convert import main as convert_main
+from btlm.cli import main as btlm_main
 from btlm.train.modeling import build_model
 from btlm.train.trainer import Runner
 
@@ -57,6 +57,11 @@ def test_export_then_import_round_trip(tiny_raw, tmp_path, capsys):
     assert "error: " in capsys.readouterr().err
 
 
+def convert_main(argv: list[str]) -> int:
+    """``btlm convert ARGV`` in this process."""
+    return btlm_main(["convert", *argv])
+
+
 def _word_tokenizer(path, n_tokens: int, eos_id: int):
     """A small HF tokenizer (words "t0" … ; "<eos>" at eos_id) saved to ``path``."""
     from tokenizers import Tokenizer
@@ -78,7 +83,6 @@ def test_to_hf_token_ids_come_from_the_data_and_the_tokenizer_must_fit(tiny_raw,
     is not bundled (its ids do not fit), a fitting --tokenizer is, and an unfitting one is refused in one line."""
     import json
 
-    from btlm.inference import main as inference_main
     from btlm.tokenizer import save_tokenizer
 
     raw = copy.deepcopy(tiny_raw)
@@ -114,7 +118,7 @@ def test_to_hf_token_ids_come_from_the_data_and_the_tokenizer_must_fit(tiny_raw,
     assert (tmp_path / "hf" / "tokenizer_config.json").is_file()
     capsys.readouterr()
     # the converted model generates with its bundled tokenizer (GPT-2 ids were outside its vocabulary)
-    assert inference_main(["generate", "--model", str(tmp_path / "hf"), "--prompt", "t3 t4 t5",
+    assert btlm_main(["generate", "--model", str(tmp_path / "hf"), "--prompt", "t3 t4 t5",
                            "--max-new-tokens", "4", "--no-stream", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("t3 t4 t5")
 

@@ -42,7 +42,9 @@ def _worker(rank: int, world: int, port: int, raw: dict, out: str) -> None:
         # one-process reference does not write it)
         losses[strategy] = _run(raw, model_dir, env, max_steps=2, distributed_strategy=strategy,
                                 save_initial_checkpoint=True)
-        losses[strategy].update(_run(raw, model_dir, env, max_steps=4, distributed_strategy=strategy))  # resume
+        # resume; a .dcp directory (whose .metadata is a pickle) loads only with allow_unpickle (--allow_unpickle)
+        losses[strategy].update(_run(raw, model_dir, env, max_steps=4, distributed_strategy=strategy,
+                                     allow_unpickle=strategy == "fsdp"))
     torch.distributed.destroy_process_group()
     if rank == 0:
         with open(os.path.join(out, "losses.json"), "w") as f:
@@ -69,7 +71,7 @@ def test_two_process_ddp_and_fsdp_match_one_process(tiny_raw, tmp_path):
     sharded = tmp_path / "fsdp" / "checkpoint_4.dcp"
     assert sharded.is_dir() and (sharded / ".metadata").is_file()
     assert not list((tmp_path / "fsdp").glob(".*.tmp"))
-    full = read_training_checkpoint(sharded)
+    full = read_training_checkpoint(sharded, allow_unpickle=True)
     plain = read_training_checkpoint(tmp_path / "single" / "checkpoint_4.mdl")
     assert full["global_step"] == 4 and full["dataloader"] == plain["dataloader"] == {"samples_streamed": 16, "seed": 0}
     for k, v in plain["model"].items():
@@ -77,7 +79,7 @@ def test_two_process_ddp_and_fsdp_match_one_process(tiny_raw, tmp_path):
 
 
 def test_torchrun_cli_launch(tiny_raw, tmp_path):
-    """`torchrun --nproc_per_node=2 -m btlm.run CPU ...` (the documented launch) trains and checkpoints."""
+    """`torchrun --nproc_per_node=2 -m btlm run CPU ...` (the documented launch) trains and checkpoints."""
     import subprocess
     import sys
 
@@ -88,7 +90,7 @@ def test_torchrun_cli_launch(tiny_raw, tmp_path):
     params = tmp_path / "p.yaml"
     params.write_text(yaml.safe_dump(tiny_raw))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "btlm.run", "CPU", "--mode", "train", "--params", str(params), "--model_dir", str(tmp_path / "run")]
+           "-m", "btlm", "run", "CPU", "--mode", "train", "--params", str(params), "--model_dir", str(tmp_path / "run")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

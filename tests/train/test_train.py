@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from btlm.run import main as run_main
+from btlm.cli import main as btlm_main
 from btlm.train import checkpoint as ckpt
 from btlm.train.config import parse_params
 from btlm.train.metrics import LMEvalMetrics
@@ -174,6 +174,11 @@ def test_unsafe_or_foreign_checkpoints_are_refused(tiny_raw, tmp_path):
     runner = Runner(parse_params(tiny_raw), tiny_raw, tmp_path / "cs")
     with pytest.raises(ckpt.CheckpointError, match="Cerebras CS-format checkpoint"):
         runner.evaluate()
+
+
+def run_main(argv: list[str]) -> int:
+    """``btlm run ARGV`` in this process."""
+    return btlm_main(["run", *argv])
 
 
 def _states(path):

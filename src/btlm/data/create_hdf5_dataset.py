@@ -1,4 +1,4 @@
-"""``btlm data LMData …`` / ``python -m btlm.data.create_hdf5_dataset LMData …``: raw text → HDF5 shards.
+"""``btlm data LMData …``: raw text → HDF5 shards (the settings and their checks are in :mod:`btlm.data.options`).
 
 A re-implementation of the Cerebras Model Zoo ``create_hdf5_dataset.py LMData`` (same flags, YAML
 ``--params`` sections and ``[n, 3, msl]`` int32 output), with these differences, all deliberate:
@@ -24,10 +24,8 @@ A re-implementation of the Cerebras Model Zoo ``create_hdf5_dataset.py LMData`` 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -42,137 +40,7 @@ CHECKPOINT = "checkpoint.json"
 MAX_PROBLEMS_LISTED = 100
 
 
-def str2bool(v) -> bool:
-    """Model Zoo passes booleans as the strings True/False."""
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ("true", "1", "yes"):
-        return True
-    if s in ("false", "0", "no"):
-        return False
-    raise ValueError(f"expected True or False, got {v!r}")
-
-
-def _optional_str(v):
-    return None if v is None or str(v) == "None" else str(v)
-
-
-def _optional_int(v):
-    return None if v is None or str(v) == "None" else int(v)
-
-
-# name -> (section, type, default, help). Section is where data_params.json / the YAML puts the key.
-OPTIONS: dict[str, tuple[str, object, object, str]] = {
-    "input_dir": ("setup", _optional_str, None, "directory searched recursively for .txt/.jsonl/.jsonl.zst/.jsonl.gz/.parquet"),
-    "metadata_files": ("setup", _optional_str, None, "comma-separated list files, one input path a line (order kept; overrides --input_dir)"),
-    "output_dir": ("setup", str, "./data_dir/", "where the .h5 shards, data_params.json and checkpoint.json go"),
-    "processes": ("setup", int, 0, "worker processes for tokenization and shard writing (0 = all CPUs)"),
-    "tokenizer_type": ("processing", str, "GPT2Tokenizer", "GPT2Tokenizer (offline GPT-2 BPE) or HuggingFaceTokenizer"),
-    "huggingface_tokenizer": ("processing", _optional_str, None, "local tokenizer directory for HuggingFaceTokenizer"),
-    "vocab_file": ("processing", _optional_str, None, "GPT-2 merges file (gpt2-vocab.bpe); default: the shipped GPT-2 BPE"),
-    "encoder_file": ("processing", _optional_str, None, "GPT-2 encoder file (gpt2-encoder.json)"),
-    "eos_id": ("processing", _optional_int, None, "end-of-document id appended to every document (sets pad too)"),
-    "pad_id": ("processing", _optional_int, None, "padding id (default: the eos id)"),
-    "max_seq_length": ("processing", int, 2048, "sequence length msl of every row"),
-    "short_seq_prob": ("processing", float, 0.0, "probability that a row is shortened to a random length in [2, msl-1]"),
-    "output_name": ("processing", str, "examples", "shard name prefix: <output_name>_<index>.h5"),
-    "files_per_record": ("processing", int, 50000, "sequences (rows) per .h5 shard"),
-    "write_remainder": ("processing", str2bool, True, "write the last, partly filled shard"),
-    "resume_from_checkpoint": ("processing", str2bool, False, "continue a killed run in --output_dir"),
-    "display_pbar": ("processing", str2bool, False, "show a progress bar (bytes, documents/s, tokens/s, ETA)"),
-    "seed": ("processing", int, 0, "seed for short_seq_prob"),
-    "strict": ("processing", str2bool, False, "stop at the first bad record instead of counting it"),
-    "compression": ("processing", str, "gzip", "HDF5 compression of the shards: gzip (Model Zoo), lzf or none"),
-    "use_ftfy": ("dataset", str2bool, False, "fix mojibake with ftfy before tokenizing"),
-    "ftfy_normalizer": ("dataset", _optional_str, "NFC", "unicode normalization for ftfy: NFC or None"),
-    "wikitext_detokenize": ("dataset", str2bool, False, "undo WikiText tokenization artefacts"),
-    "jsonl_key": ("dataset", str, "text", "JSON key (or parquet column) holding the document text"),
-    "pack_sequences": ("dataset", str2bool, True, "pack documents into one stream (False: each document padded on its own)"),
-    "min_sequence_len": ("dataset", int, 6, "rows with fewer tokens are dropped (counted)"),
-    "split_text_to_tokenize": ("dataset", str2bool, False, "tokenize long documents in pieces (bounds tokenizer memory)"),
-    "chunk_len_to_split": ("dataset", int, 2000, "piece length in characters for split_text_to_tokenize"),
-    "inverted_mask": ("dataset", str2bool, False, "store 1 - mask (Model Zoo option)"),
-}
-# YAML keys of Model Zoo configs that are accepted with the only value this implementation supports.
-YAML_ONLY = {"dataset_processor": ("LMDataPreprocessor",), "write_in_batch": (True, False),
-             "input_ids_dtype": ("int32",), "input_mask_dtype": ("int32",), "remove_bos_in_chunks": (True, False)}
-# Settings that do not change the shards (may differ between a killed run and its resume).
-NOT_IN_FINGERPRINT = {"processes", "display_pbar", "resume_from_checkpoint", "strict"}
-
-
-def build_parser(prog: str = "btlm data") -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description="Prepare HDF5 training data in the Cerebras Model Zoo layout.")
-    sub = ap.add_subparsers(dest="mode", required=True, metavar="LMData")
-    p = sub.add_parser("LMData", help="raw text -> packed [n, 3, msl] int32 rows (input_ids, attention_mask, labels)",
-                       description="Tokenize documents (+EOS), pack them into rows of max_seq_length and write .h5 "
-                                   "shards plus data_params.json. Booleans take True/False.")
-    p.add_argument("--params", help="YAML with setup / processing / dataset sections (command-line flags override it)")
-    for name, (_, typ, default, help_) in OPTIONS.items():
-        p.add_argument(f"--{name}", type=typ, default=None, help=f"{help_} (default: {default})")
-    return ap
-
-
-def load_config(args: argparse.Namespace) -> dict:
-    """Merge defaults < YAML ``--params`` < command line, validating every value."""
-    cfg = {k: v[2] for k, v in OPTIONS.items()}
-    if args.params:
-        cfg.update(_yaml_options(args.params))
-    cfg.update({k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None})
-    _validate(cfg)
-    return cfg
-
-
-def _yaml_options(path: str) -> dict:
-    import yaml
-
-    if not os.path.isfile(path):
-        raise DataError(f"--params {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        doc = yaml.safe_load(f) or {}
-    if not isinstance(doc, dict):
-        raise DataError(f"{path}: expected a mapping with setup / processing / dataset sections")
-    out = {}
-    for section, values in doc.items():
-        if section not in ("setup", "processing", "dataset") or not isinstance(values, dict):
-            raise DataError(f"{path}: unknown section {section!r} (expected setup, processing, dataset mappings)")
-        for k, v in values.items():
-            if k in YAML_ONLY:
-                if v not in YAML_ONLY[k]:
-                    raise DataError(f"{path}: {section}.{k} = {v!r} is not supported (expected one of {YAML_ONLY[k]})")
-                continue
-            if k not in OPTIONS:
-                raise DataError(f"{path}: unknown key {section}.{k}")
-            try:
-                out[k] = None if v is None else OPTIONS[k][1](v)
-            except (TypeError, ValueError) as e:
-                raise DataError(f"{path}: {section}.{k} = {v!r}: {e}") from e
-    return out
-
-
-def _validate(cfg: dict) -> None:
-    def bad(key, expected):
-        raise DataError(f"{key} = {cfg[key]!r}: expected {expected}")
-
-    if cfg["max_seq_length"] < 2:
-        bad("max_seq_length", "an integer >= 2")
-    if cfg["files_per_record"] < 1:
-        bad("files_per_record", "an integer >= 1")
-    if not 0.0 <= cfg["short_seq_prob"] <= 1.0:
-        bad("short_seq_prob", "a probability in [0, 1]")
-    if cfg["short_seq_prob"] > 0 and cfg["max_seq_length"] < 4:
-        bad("max_seq_length", "at least 4 when short_seq_prob > 0")
-    if cfg["processes"] < 0:
-        bad("processes", "0 (all CPUs) or a positive count")
-    if cfg["compression"] not in ("gzip", "lzf", "none"):
-        bad("compression", "gzip, lzf or none")
-    if cfg["ftfy_normalizer"] not in ("NFC", "NFKC", None):
-        bad("ftfy_normalizer", "NFC, NFKC or None")
-    if cfg["chunk_len_to_split"] < 1:
-        bad("chunk_len_to_split", "a positive number of characters")
-    if cfg["tokenizer_type"] not in ("GPT2Tokenizer", "HuggingFaceTokenizer"):
-        bad("tokenizer_type", "GPT2Tokenizer or HuggingFaceTokenizer (NeoXTokenizer: use HuggingFaceTokenizer)")
-
+from btlm.data.options import NOT_IN_FINGERPRINT, OPTIONS, str2bool  # noqa: F401  (str2bool re-exported)
 
 # ---------------------------------------------------------------------------------------------
 # reading
@@ -281,12 +149,11 @@ def shard_name(cfg: dict, idx: int) -> str:
 
 
 def _atomic_json(path: str, obj, indent: int | None = 2) -> None:
-    """Write JSON under a temporary name, then rename (a killed run never leaves half a file)."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    text = json.dumps(obj, indent=indent)  # one write: json.dump's many small writes were slow
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write JSON atomically (a killed run never leaves half a file); one write: json.dump's many small
+    writes were slow, and no fsync: checkpoint.json is rewritten after every shard."""
+    from btlm.io import atomic_write
+
+    atomic_write(path, json.dumps(obj, indent=indent), fsync=False)
 
 
 def _fingerprint(cfg: dict, files: list[str]) -> dict:
@@ -297,6 +164,8 @@ def _fingerprint(cfg: dict, files: list[str]) -> dict:
 def _prepare_output(cfg: dict, fingerprint: dict) -> dict | None:
     """Create the output dir; return the checkpoint to resume from (None: fresh run)."""
     out = cfg["output_dir"]
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"output_dir {out!r} is a file; expected a directory")
     os.makedirs(out, exist_ok=True)
     shards = sorted(f for f in os.listdir(out) if f.endswith(".h5"))
     ckpt_path = os.path.join(out, CHECKPOINT)
@@ -339,6 +208,9 @@ def run(cfg: dict, batch_chars: int = 1 << 18, log=print) -> dict:
     pad = cfg["pad_id"] if cfg["pad_id"] is not None else (cfg["eos_id"] if cfg["eos_id"] is not None else tok.pad_id)
     if eos is None or pad is None:
         raise DataError(f"tokenizer {cfg['huggingface_tokenizer']!r} has no eos token: pass --eos_id")
+    for key, value in (("eos_id", eos), ("pad_id", pad)):
+        if not 0 <= value < tok.vocab_size:
+            raise DataError(f"{key} = {value}: expected an id in [0, {tok.vocab_size}) (the tokenizer's vocab_size)")
     fingerprint = _fingerprint(cfg, files)
     ckpt = _prepare_output(cfg, fingerprint)
     if ckpt and ckpt.get("complete"):
@@ -475,24 +347,3 @@ def _data_params(cfg, files, counters, problems, shard_stats, n_shards, eos, pad
                                "padding_fraction": round(1 - shard_stats.get("loss_valid_tokens", 0) / total, 6) if total else 0.0}
     out["problems"] = problems
     return out
-
-
-def main(argv: list[str] | None = None, prog: str = "python -m btlm.data.create_hdf5_dataset") -> int:
-    args = build_parser(prog).parse_args(argv)
-    try:
-        cfg = load_config(args)
-        params = run(cfg)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    pp, st = params["post-process"], params["h5_dataset_stats"]
-    print(f"wrote {pp['n_shards']} shards, {pp['n_examples']} sequences of {cfg['max_seq_length']} tokens to "
-          f"{cfg['output_dir']} ({pp['documents']} documents, {pp['tokens']} tokens, padding "
-          f"{st['padding_fraction']:.2%}, {pp['seconds']:.1f} s)")
-    if pp["discarded"]:
-        print(f"discarded records: {pp['discarded']} (first ones listed under 'problems' in data_params.json)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

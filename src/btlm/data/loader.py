@@ -84,6 +84,9 @@ class H5SampleDataset(Dataset):
                     ds = h["data"]
                     if ds.ndim != 3:
                         raise DataError(f"{f}: dataset 'data' has shape {ds.shape}; expected (n, 3, msl) sample format")
+                    if ds.dtype != np.int32:  # float rows would be cast to ids and train to nonsense
+                        raise DataError(f"{f}: dataset 'data' has dtype {ds.dtype}; expected int32 token ids "
+                                        "(as btlm data LMData writes them)")
                     if shape is not None and ds.shape[1:] != shape:
                         raise DataError(f"{f}: rows of shape {ds.shape[1:]} differ from {shape} in {self.files[0]}")
                     shape = ds.shape[1:]

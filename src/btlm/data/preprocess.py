@@ -423,15 +423,11 @@ def write_shard(path: str, windows: np.ndarray, lengths: np.ndarray, pad_id: int
     """Write one ``.h5`` shard atomically (temp name, then rename) and return its row statistics."""
     data = rows_to_features(windows, lengths, pad_id, inverted_mask)
     n, msl = data.shape[0], data.shape[2]
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            _write_rows(f, data, compression)
-            f.attrs["n_examples"] = n
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from btlm.io import atomic_path
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        _write_rows(f, data, compression)
+        f.attrs["n_examples"] = n
     # statistics from the lengths: padded positions hold pad_id in input_ids
     loss_valid = int((lengths.astype(np.int64) - 1).sum())
     n_padded = n * msl - loss_valid

@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from btlm.errors import BTLMError
+
 # Longest first, so ".jsonl.zst" is not mistaken for something ending in ".zst" only.
 SUPPORTED_SUFFIXES = (".jsonl.zst", ".json.zst", ".jsonl.gz", ".json.gz", ".jsonl", ".parquet", ".txt")
 
 
-class DataError(ValueError):
+class DataError(BTLMError, ValueError):
     """Bad input or settings for data preparation / loading (message names the file, key or value)."""
 
 

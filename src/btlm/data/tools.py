@@ -37,13 +37,15 @@ def _iter_blocks(files: list[str]):
         with h:
             if "data" not in h or h["data"].ndim != 3:
                 raise DataError(f"{f}: expected a dataset 'data' of shape (n, C, msl)")
+            if h["data"].dtype != np.int32:
+                raise DataError(f"{f}: dataset 'data' has dtype {h['data'].dtype}; expected int32 token ids")
             ds = h["data"]
             for s in range(0, ds.shape[0], BLOCK):
                 yield f, s, ds[s: s + BLOCK]
 
 
 def _decoder(data_dir: str):
-    """A decode(ids) function for the tokenizer named in data_params.json (GPT-2 BPE by default)."""
+    """``(decode(ids), vocab_size)`` of the tokenizer named in data_params.json (GPT-2 BPE by default)."""
     tok_type, hf = "GPT2Tokenizer", None
     p = os.path.join(data_dir, "data_params.json")
     if os.path.isfile(p):
@@ -52,7 +54,8 @@ def _decoder(data_dir: str):
         tok_type, hf = proc.get("tokenizer_type", tok_type), proc.get("huggingface_tokenizer")
     from btlm.data.preprocess import BatchTokenizer, TokenizerSpec
 
-    return BatchTokenizer(TokenizerSpec(tok_type, hf)).decode
+    tok = BatchTokenizer(TokenizerSpec(tok_type, hf))
+    return tok.decode, tok.vocab_size
 
 
 def inspect_dir(data_dir: str, row: int = 0, top: int = 10) -> dict:
@@ -76,7 +79,10 @@ def inspect_dir(data_dir: str, row: int = 0, top: int = 10) -> dict:
     for f in files:
         with h5py.File(f, "r") as h:
             n_examples_ok &= int(h.attrs.get("n_examples", -1)) == h["data"].shape[0]
-    decode = _decoder(data_dir)
+    decode, vocab_size = _decoder(data_dir)
+    if counts and max(counts) >= vocab_size:
+        raise DataError(f"{data_dir}: token id {int(max(counts))} is outside the tokenizer's vocab_size {vocab_size} "
+                        "(data prepared with another tokenizer?)")
     params = {}
     if os.path.isfile(os.path.join(data_dir, "data_params.json")):
         with open(os.path.join(data_dir, "data_params.json"), encoding="utf-8") as f:
@@ -112,29 +118,34 @@ def _write_rows(path: str, data: np.ndarray, compression: str | None) -> None:
     """Write a shard atomically (temp name, rename)."""
     import h5py
 
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with h5py.File(tmp, "w") as h:
+    from btlm.io import atomic_path
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h:
         h.create_dataset("data", data=data, dtype="i4", chunks=(1,) + data.shape[1:],
                          compression=None if compression == "none" else compression)
         h.attrs["n_examples"] = data.shape[0]
-    os.replace(tmp, path)
 
 
 def shuffle_dir(in_dir: str, out_dir: str, seed: int, num_output_chunks: int | None = None,
-                compression: str = "gzip", progress: bool = False) -> dict:
+                compression: str = "gzip", progress: bool = False, overwrite: bool = False) -> dict:
     """Globally shuffle every row of ``in_dir``'s shards (recursively) into ``out_dir/data-XXXXX.h5``.
 
     Like the Model Zoo's ``h5_dataset_shuffle.py``, two passes with bounded memory: each row goes to a
     uniformly random output chunk (``np.random.default_rng(seed)``), then each chunk is permuted in memory
     (``default_rng([seed, chunk])``) and written. The temporary split files are removed afterwards.
+    ``out_dir`` must be new or empty unless ``overwrite``; it may never hold ``.h5`` files already (they
+    would mix with the shuffled ones).
     """
     import h5py
     from tqdm.auto import tqdm
 
+    from btlm.io import atomic_write, check_output_dir
+
     files = _shards(in_dir, recursive=True)
-    os.makedirs(out_dir, exist_ok=True)
-    if any(f.endswith(".h5") for f in os.listdir(out_dir)):
+    if os.path.isdir(out_dir) and any(f.endswith(".h5") for f in os.listdir(out_dir)):
         raise DataError(f"output directory {out_dir!r} already holds .h5 files")
+    check_output_dir(out_dir, overwrite)
+    os.makedirs(out_dir, exist_ok=True)
     k = int(num_output_chunks or len(files))
     if k < 1:
         raise DataError(f"num_output_chunks = {k}: expected >= 1")
@@ -175,8 +186,8 @@ def shuffle_dir(in_dir: str, out_dir: str, seed: int, num_output_chunks: int | N
         shutil.rmtree(tmp_dir, ignore_errors=True)
     src_params = os.path.join(in_dir, "data_params.json")
     if os.path.isfile(src_params):  # same tokenizer and settings: inspect and users still find them
-        shutil.copyfile(src_params, os.path.join(out_dir, "data_params.json"))
+        with open(src_params, "rb") as f:
+            atomic_write(os.path.join(out_dir, "data_params.json"), f.read())
     info = {"input_dir": in_dir, "input_files": len(files), "seed": seed, "num_output_chunks": k, "rows": total}
-    with open(os.path.join(out_dir, "shuffle_params.json"), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2)
+    atomic_write(os.path.join(out_dir, "shuffle_params.json"), json.dumps(info, indent=2))
     return info

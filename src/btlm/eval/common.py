@@ -1,18 +1,19 @@
-"""Helpers shared by the long-context evaluations: ALiBi-scaling settings, model loading, atomic writes."""
+"""Helpers shared by the long-context evaluations: ALiBi-scaling settings, model loading, figures."""
 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from btlm.model.model import validate_alibi_scaling
+from btlm.errors import BTLMError
+from btlm.io import atomic_write as write_atomic  # noqa: F401  (used by the evaluations)
 
 
-class EvalError(ValueError):
+class EvalError(BTLMError, ValueError):
     """Bad input or settings for an evaluation (the message names the value and what was expected)."""
 
 
@@ -73,15 +74,6 @@ def parse_lengths(text: str) -> list[int]:
     return lengths
 
 
-def add_model_arguments(parser) -> None:
-    """The ``--model``, ``--out``, ``--dtype`` and ``--device`` options shared by ``btlm eval-long`` and
-    ``btlm passkey``."""
-    parser.add_argument("--model", required=True, help="model directory (released HF layout)")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, … (default: cuda if available)")
-
-
 def load_for_context(model_path: str, context: int, dtype=None, device=None):
     """Load a model whose ``n_positions`` admits ``context`` tokens; returns ``(model, trained_n_positions)``.
 
@@ -89,12 +81,11 @@ def load_for_context(model_path: str, context: int, dtype=None, device=None):
     scaling setting is switched later on the loaded model (see :func:`apply_scaling`), so the weights are
     loaded once for all settings. ``device`` None means CUDA when available, else CPU.
     """
-    from btlm.inference import load_model
-    from btlm.model import BTLMConfig
+    from btlm.io import load_model, read_config, resolve_device
 
-    trained = BTLMConfig.from_pretrained(model_path).n_positions if Path(model_path, "config.json").is_file() else None
+    trained = read_config(model_path).n_positions if Path(model_path, "config.json").is_file() else None
     overrides = {"n_positions": max(context, trained or 0)}
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
     model = load_model(model_path, dtype=dtype, device=device, **overrides)
     return model, trained
 
@@ -109,20 +100,6 @@ def model_label(path: str | os.PathLike) -> str:
     """A short plot label for a model directory: its last two path parts (``runs/tiny_pi/hf`` →
     ``tiny_pi/hf``), since exported models often live in generically named ``hf/`` folders."""
     return "/".join(Path(path).resolve().parts[-2:])
-
-
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary sibling + ``os.replace`` (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_figure_atomic(fig, path: str | os.PathLike) -> None:

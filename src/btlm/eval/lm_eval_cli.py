@@ -31,13 +31,14 @@ def lm_eval_argv(argv: list[str]) -> list[str]:
     return ["run", *out] if out and out[0] not in ("run", "ls", "validate", "-h", "--help") else out
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def run_lm_eval(argv: list[str]) -> int:
+    """Run lm-eval's command line on ``btlm lm-eval`` arguments; returns lm-eval's exit status."""
     try:
         from lm_eval.__main__ import cli_evaluate
     except ImportError:
-        print("error: btlm lm-eval needs lm-eval: pip install 'btlm[eval]'", file=sys.stderr)
-        return 1
+        from btlm.errors import BTLMError
+
+        raise BTLMError("btlm lm-eval needs lm-eval: pip install 'btlm[eval]'") from None
     import btlm  # noqa: F401  (registers BTLM with the transformers Auto classes)
 
     saved = sys.argv

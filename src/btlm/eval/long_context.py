@@ -13,11 +13,9 @@ from tokens ``0 … p-1``.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from btlm.eval.common import (
-    EvalError, ScalingSetting, add_model_arguments, apply_scaling, load_for_context,
+    EvalError, ScalingSetting, apply_scaling, load_for_context,
     model_label, parse_scaling, save_figure_atomic, write_atomic,
 )
 
@@ -257,56 +255,29 @@ def plot_curves(path: Path, curves: dict[str, np.ndarray], meta: dict) -> None:
     plt.close(fig)
 
 
-# ------------------------------------------------------------------------------------------ CLI
+# ------------------------------------------------------------------------------------------ the run
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="btlm eval-long", description=(
-        "Average loss at every token position over windows of --context tokens, for each ALiBi scaling "
-        "setting, written as loss_by_position.csv / .json / .png in --out (the model card's Figure 5). "
-        "n_positions is raised to --context automatically."))
-    add_model_arguments(p)
-    p.add_argument("--data", required=True, help="btlm data .h5 shard or directory of shards, or .txt / .jsonl file(s)")
-    p.add_argument("--context", type=int, default=32768,
-                   help="positions scored per window: windows of context+1 tokens (default 32768)")
-    p.add_argument("--alibi-scaling", nargs="+", default=["none"], metavar="SETTING",
-                   help="one or more of: none | fixed:F (divide slopes by F) | dynamic:L (divide by K/L past L "
-                        "tokens, L = training length, e.g. dynamic:8192). Default: none")
-    p.add_argument("--num-docs", type=int, default=8, help="number of windows to average over (default 8)")
-    p.add_argument("--logits-chunk", type=int, default=1024, help="positions per logits chunk (memory bound)")
-    return p
+def evaluate_long(model_path: str, data: str, out: str | Path, context: int = 32768, alibi_scaling=("none",),
+                  num_docs: int = 8, logits_chunk: int = 1024, dtype="fp32", device=None, overwrite: bool = False,
+                  progress: bool = True) -> dict[str, np.ndarray]:
+    """``btlm eval-long``: check the settings and ``out`` (before any compute), load the windows and the
+    model, compute the loss curves and write them to ``out``. Returns ``{setting label: curve}``."""
+    from btlm.io import check_output_dir
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from btlm.inference import ModelLoadError
-
-    try:
-        if args.num_docs < 1:
-            raise EvalError(f"--num-docs must be at least 1, got {args.num_docs}")
-        settings = [parse_scaling(s) for s in args.alibi_scaling]
-        if len({s.label for s in settings}) != len(settings):
-            raise EvalError(f"--alibi-scaling lists a setting twice: {args.alibi_scaling}")
-        windows = load_windows(args.data, args.context, args.num_docs)
-        model, trained = load_for_context(args.model, args.context, dtype=args.dtype, device=args.device)
-        if int(windows.max()) >= model.config.vocab_size:
-            raise EvalError(f"--data {args.data} has token id {int(windows.max())} >= the model's vocab_size "
-                            f"{model.config.vocab_size}")
-        curves = position_curves(model, windows, settings, args.logits_chunk)
-        meta = {"model": str(args.model), "data": str(args.data), "context": args.context,
-                "num_windows": len(windows), "trained_n_positions": trained}
-        out = Path(args.out)
-        write_results(out, curves, meta)
-        ref, diffs = differences(curves)
-        for label, values in curves.items():
-            delta = f" ({diffs[label].mean():+.4f} vs {ref})" if label in diffs else ""
-            print(f"{label:>16}: mean loss {values.mean():.4f}{delta}")
-        print(f"wrote {out / 'loss_by_position.csv'}, .json and .png")
-        return 0
-    except (EvalError, ModelLoadError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if num_docs < 1:
+        raise EvalError(f"--num-docs must be at least 1, got {num_docs}")
+    settings = [parse_scaling(s) for s in alibi_scaling]
+    if len({s.label for s in settings}) != len(settings):
+        raise EvalError(f"--alibi-scaling lists a setting twice: {list(alibi_scaling)}")
+    check_output_dir(out, overwrite, what="--out")
+    windows = load_windows(data, context, num_docs)
+    model, trained = load_for_context(model_path, context, dtype=dtype, device=device)
+    if int(windows.max()) >= model.config.vocab_size:
+        raise EvalError(f"--data {data} has token id {int(windows.max())} >= the model's vocab_size "
+                        f"{model.config.vocab_size}")
+    curves = position_curves(model, windows, settings, logits_chunk, progress=progress)
+    meta = {"model": str(model_path), "data": str(data), "context": context, "num_windows": len(windows),
+            "trained_n_positions": trained}
+    write_results(Path(out), curves, meta)
+    return curves

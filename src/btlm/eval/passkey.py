@@ -10,12 +10,10 @@ prompt is at most the requested length, with the needle between whole filler sen
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from btlm.eval.common import (
-    EvalError, add_model_arguments, apply_scaling, load_for_context, model_label,
+    EvalError, apply_scaling, load_for_context, model_label,
     parse_lengths, parse_scaling, save_figure_atomic, write_atomic,
 )
 
@@ -170,46 +168,33 @@ def _parse_depths(text: str) -> list[float]:
     return depths
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="btlm passkey", description=(
-        "Passkey retrieval: a 5-digit key hidden at several depths of filler text, answered by greedy "
-        "generation. Writes passkey.csv (per trial), passkey.md (accuracy table), passkey.json and a "
-        "heat map passkey.png to --out. Deterministic for a --seed."))
-    add_model_arguments(p)
-    p.add_argument("--lengths", default="1k,2k,4k,8k", help="prompt lengths in tokens, e.g. 1k,2k,4k,8k,16k")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="relative needle depths in [0, 1]")
-    p.add_argument("--trials", type=int, default=5, help="prompts (different keys) per length and depth")
-    p.add_argument("--alibi-scaling", default="none", help="none | fixed:F | dynamic:L (see btlm eval-long)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the passkeys")
-    return p
+def evaluate_passkey(model_path: str, out: str | Path, lengths: str = "1k,2k,4k,8k", depths: str = "0,0.25,0.5,0.75,1",
+                     trials: int = 5, alibi_scaling=("none",), seed: int = 0, dtype="fp32", device=None,
+                     overwrite: bool = False, progress: bool = True) -> dict[str, list[dict]]:
+    """``btlm passkey``: check the settings and ``out`` (before any compute), run every trial for each
+    ALiBi-scaling setting (the model is loaded once) and write the results: into ``out`` for one setting,
+    into ``out/<setting>/`` (``:`` written as ``_``) for several. Returns ``{setting label: trial rows}``."""
+    from btlm.io import check_output_dir, resolve_tokenizer
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from btlm.inference import ModelLoadError
-    from btlm.tokenizer import load_tokenizer
-
-    try:
-        if args.trials < 1:
-            raise EvalError(f"--trials must be at least 1, got {args.trials}")
-        lengths, depths = parse_lengths(args.lengths), _parse_depths(args.depths)
-        setting = parse_scaling(args.alibi_scaling)
-        tokenizer = load_tokenizer(args.model) if Path(args.model, "tokenizer_config.json").is_file() else load_tokenizer()
-        trials = make_trials(tokenizer, lengths, depths, args.trials, args.seed)
-        model, trained = load_for_context(args.model, max(lengths) + 16, dtype=args.dtype, device=args.device)
+    if isinstance(alibi_scaling, str):
+        alibi_scaling = [alibi_scaling]
+    if trials < 1:
+        raise EvalError(f"--trials must be at least 1, got {trials}")
+    length_list, depth_list = parse_lengths(lengths), _parse_depths(depths)
+    settings = [parse_scaling(s) for s in alibi_scaling]
+    if not settings or len({s.label for s in settings}) != len(settings):
+        raise EvalError(f"--alibi-scaling must list each setting once: {list(alibi_scaling)}")
+    check_output_dir(out, overwrite, what="--out")
+    tokenizer = resolve_tokenizer(model_path)
+    trial_list = make_trials(tokenizer, length_list, depth_list, trials, seed)
+    model, trained = load_for_context(model_path, max(length_list) + 16, dtype=dtype, device=device)
+    results = {}
+    for setting in settings:
         apply_scaling(model, setting)
-        rows = run_trials(model, tokenizer, trials)
-        meta = {"model": str(args.model), "alibi_scaling": setting.label, "trials": args.trials, "seed": args.seed,
+        rows = run_trials(model, tokenizer, trial_list, progress=progress)
+        meta = {"model": str(model_path), "alibi_scaling": setting.label, "trials": trials, "seed": seed,
                 "trained_n_positions": trained}
-        out = Path(args.out)
-        write_results(out, rows, meta)
-        print(markdown_table(*accuracy_table(rows)), end="")
-        print(f"wrote {out / 'passkey.md'}, .csv, .json and .png")
-        return 0
-    except (EvalError, ModelLoadError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        target = Path(out) if len(settings) == 1 else Path(out) / setting.label.replace(":", "_")
+        write_results(target, rows, meta)
+        results[setting.label] = rows
+    return results

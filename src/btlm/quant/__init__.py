@@ -39,11 +39,11 @@ def quantize_model(model, bits: int = 4, group_size: int = 128, embedding_bits: 
     return _quantize(model, bits=bits, group_size=group_size, embedding_bits=embedding_bits, progress=progress)
 
 
-def save_quantized(model, out_dir: str | os.PathLike, tokenizer=None):
+def save_quantized(model, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False):
     """Write a quantised model (safetensors + config.json with ``quantization_config``) atomically."""
-    from btlm.inference import save_model
+    from btlm.io import save_model
 
-    return save_model(model, out_dir, tokenizer=tokenizer)
+    return save_model(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
 
 
 def load_quantized(path: str | os.PathLike, dtype=None):
@@ -51,7 +51,7 @@ def load_quantized(path: str | os.PathLike, dtype=None):
     import json
     from pathlib import Path
 
-    from btlm.inference import load_model
+    from btlm.io import load_model
 
     register()
     config_file = Path(path) / "config.json"

@@ -80,8 +80,7 @@ def load_average() -> str:
 
 def write_result(path: Path, lines: list[str]) -> None:
     """Write a benchmark's Markdown result atomically (temp file + rename) and echo it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
+    from btlm.io import atomic_write
+
+    atomic_write(path, "\n".join(lines))
     print("\n".join(lines))

@@ -29,12 +29,10 @@ written to a temporary sibling and renamed into place when complete.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from hashlib import sha256
@@ -44,6 +42,7 @@ from typing import Callable
 import numpy as np
 
 from .packing import round_up
+from btlm.errors import BTLMError
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 _F16_MAX = 65504.0
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(BTLMError, ValueError):
     """A model directory or setting that cannot be exported to GGUF (the message says why)."""
 
 
@@ -91,7 +90,10 @@ class _Checkpoint:
             from safetensors import safe_open
 
             for f in st_files:
-                handle = stack.enter_context(safe_open(str(f), framework="pt"))
+                try:
+                    handle = stack.enter_context(safe_open(str(f), framework="pt"))
+                except Exception as e:  # noqa: BLE001 - SafetensorError (truncated or not safetensors)
+                    raise GGUFExportError(f"{f}: cannot read the weights ({e})") from None
                 for key in handle.keys():
                     shape = tuple(handle.get_slice(key).get_shape())
                     self._add(key, shape, lambda h=handle, k=key: h.get_tensor(k))
@@ -140,12 +142,13 @@ def _read_config(model_dir: Path):
     read_unquantized_btlm_config(
         model_dir, GGUFExportError, quantized_hint="GGUF needs the unquantised weights: export from the fp32/bf16 "
         "model directory and pick --outtype q8_0/q4_0 instead")
-    from btlm.model import BTLMConfig
+    from btlm.io import ModelLoadError, read_config, validate_config
 
     try:
-        config = BTLMConfig.from_pretrained(str(model_dir))
-    except Exception as e:  # noqa: BLE001 - surface any config error with the path
-        raise GGUFExportError(f"{model_dir / 'config.json'} is not a valid BTLM config: {e}") from None
+        config = read_config(model_dir)
+        validate_config(config, str(model_dir))
+    except ModelLoadError as e:
+        raise GGUFExportError(str(e)) from None
 
     problems = []
     if config.activation_function != "swiglu":
@@ -389,7 +392,7 @@ def _encode(t: _Tensor) -> np.ndarray:
 
 
 def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str = "f16",
-                pad_ffn_to: int = 256, progress: bool = True) -> Path:
+                pad_ffn_to: int = 256, progress: bool = True, overwrite: bool = False) -> Path:
     """Write the BTLM checkpoint in ``model_dir`` as a GGUF file that llama.cpp loads as JAIS.
 
     Args:
@@ -404,6 +407,7 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, outty
             which lets llama-quantize's K-quants and Q4_0/Q8_0 quantise ``ffn_down``); 1 or 0 disables it.
             Exact: the padded units contribute nothing.
         progress: show a tqdm progress bar over the tensors.
+        overwrite: replace an existing ``out_path`` file (otherwise refused before any work).
 
     Returns:
         The path of the written file.
@@ -425,6 +429,9 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, outty
     config = _read_config(model_dir)
     if out.is_dir():
         raise GGUFExportError(f"output path {out} is a directory; give a file name such as model.gguf")
+    from btlm.io import check_output_file
+
+    check_output_file(out, overwrite, what="--out")
 
     n_ff = config.n_inner or 4 * config.n_embd
     n_ff_padded = round_up(n_ff, max(1, pad_ffn_to))
@@ -438,9 +445,10 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, outty
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                  "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[outtype]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    from btlm.io import atomic_path
+
     with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_path(out))  # renamed onto ``out`` when the block succeeds
         ckpt = _Checkpoint(model_dir, stack)
         plan = _plan(config, ckpt, outtype, n_ff_padded)
         max_bias = _alibi_max_bias(ckpt.get("relative_pe.slopes"), config.n_head)
@@ -467,61 +475,6 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, outty
             writer.write_ti_data_to_file()
             for t in tqdm(plan, desc=f"export-gguf {outtype}", unit="tensor", disable=not progress):
                 writer.write_tensor_data(_encode(t))
+        finally:
             writer.close()
-            os.replace(tmp, out)
-        except BaseException:
-            writer.close()
-            tmp.unlink(missing_ok=True)
-            raise
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------------
-
-_EPILOG = """\
-examples:
-  btlm export-gguf --model btlm-3b-8k-base --out btlm-3b-f16.gguf
-  btlm export-gguf --model btlm-3b-8k-base --out btlm-3b-q4_0.gguf --outtype q4_0
-  llama-cli -m btlm-3b-q4_0.gguf -p "The capital of France is" -n 40 --temp 0
-
-llama.cpp runs the file through its JAIS architecture (same network as BTLM). The f16 file can also be
-re-quantised with llama.cpp's `llama-quantize` (e.g. Q4_K_M): the FFN is padded to a multiple of 256.
-"""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="btlm export-gguf",
-        description="Write a BTLM checkpoint as a GGUF file that llama.cpp loads through its JAIS architecture "
-        "(muP multipliers folded into the embedding and output matrices, FFN zero-padded for quantisation).",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", required=True, help="unquantised BTLM model directory (config.json + weights)")
-    p.add_argument("--out", required=True, help="output .gguf file (written atomically)")
-    p.add_argument("--outtype", default="f16", help=f"matrix type: {', '.join(OUTTYPES)} (default f16); "
-                   "norms and biases are always f32; q4_0 keeps the embedding and output matrices q8_0")
-    p.add_argument("--pad-ffn-to", type=int, default=256,
-                   help="zero-pad the FFN width to a multiple of this (default 256: 6826 -> 6912); 1 disables")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        out = export_gguf(args.model, args.out, outtype=args.outtype.lower(), pad_ffn_to=args.pad_ffn_to,
-                          progress=not args.no_progress)
-    except GGUFExportError as e:
-        print(f"btlm export-gguf: error: {e}", file=sys.stderr)
-        return 2
-    size = out.stat().st_size
-    print(f"wrote {out} ({size / 2**20:.1f} MiB, {args.outtype.lower()}, architecture jais)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

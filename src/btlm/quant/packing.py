@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from btlm.errors import BTLMError
+
 #: Group sizes the int4 CPU kernel accepts.
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 SUPPORTED_BITS = (4, 8)
@@ -29,7 +31,7 @@ KERNEL_BLOCK_N = 32
 INT8_K_MULTIPLE = 32
 
 
-class QuantizationError(ValueError):
+class QuantizationError(BTLMError, ValueError):
     """Bad quantisation settings (bit width, group size) or an unsupported model/directory."""
 
 

@@ -1,15 +1,13 @@
 """How much quantisation changes a model: KL(fp ‖ quantised) per token and the perplexity difference.
 
-``python -m btlm.quant.quality --model DIR --text FILE`` quantises ``DIR`` in memory to int8 and int4
+``btlm quality --model DIR --text FILE`` quantises ``DIR`` in memory to int8 and int4
 and prints a Markdown table (the figures in benchmarks/results/quant_quality.md).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -101,40 +99,25 @@ def quality_table(model, batches, variants=((8, None), (4, 128), (4, 64), (4, 32
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m btlm.quant.quality", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="unquantised BTLM directory (loaded in fp32)")
-    p.add_argument("--text", help="held-out UTF-8 text file (not seen in training)")
-    p.add_argument("--tiny-trained", action="store_true",
-                   help="instead: train the tiny byte-level model of tests/quant/test_quality.py and use it")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-batches", type=int, default=8)
-    args = p.parse_args(argv)
-
-    from btlm.inference import ModelLoadError, load_model
+def load_text_batches(model_path: str, text_path: str, seq_len: int = 256, batch_size: int = 4,
+                      max_batches: int = 8):
+    """The fp32 model of ``model_path`` and ``[batch_size, seq_len]`` GPT-2 token batches of ``text_path``."""
+    from btlm.errors import UsageError
+    from btlm.io import load_model
     from btlm.tokenizer import tiktoken_encoding
 
-    if args.tiny_trained:
-        model, batches = train_tiny_byte_model()
-    elif not (args.model and args.text):
-        p.error("give --model and --text, or --tiny-trained")
-    else:
-        try:
-            model = load_model(args.model, dtype="fp32")
-            ids = tiktoken_encoding().encode_ordinary(Path(args.text).read_text(encoding="utf-8"))
-            batches = token_batches(ids, args.seq_len, args.batch_size, args.max_batches)
-        except (ModelLoadError, OSError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-    print("| variant | KL(fp32 ‖ q) nats/token | ppl fp32 | ppl quantised | ppl change | tokens |")
-    print("|---|---|---|---|---|---|")
-    for r in quality_table(model, batches):
-        print(f"| {r['variant']} | {r['kl']:.2e} | {r['ppl_ref']:.3f} | {r['ppl']:.3f} | "
-              f"{100 * r['ppl_rel_diff']:+.2f}% | {r['tokens']} |")
-    return 0
+    model = load_model(model_path, dtype="fp32")
+    ids = tiktoken_encoding().encode_ordinary(Path(text_path).read_text(encoding="utf-8"))
+    try:
+        batches = token_batches(ids, seq_len, batch_size, max_batches)
+    except ValueError as err:
+        raise UsageError(f"--text {text_path}: {err}") from None
+    return model, batches
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def markdown_rows(rows: list[dict]) -> str:
+    """:func:`quality_table` rows as a Markdown table."""
+    lines = ["| variant | KL(fp32 ‖ q) nats/token | ppl fp32 | ppl quantised | ppl change | tokens |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['kl']:.2e} | {r['ppl_ref']:.3f} | {r['ppl']:.3f} | "
+              f"{100 * r['ppl_rel_diff']:+.2f}% | {r['tokens']} |" for r in rows]
+    return "\n".join(lines)

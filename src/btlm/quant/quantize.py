@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -112,3 +113,24 @@ def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         if param.is_floating_point() and id(param) not in keep:
             param.data = param.data.to(dtype)
     return model
+
+
+def quantize_dir(model_dir, out_dir, bits: int = 4, group_size: int = 128, embedding_bits: int | None = 8,
+                 dtype: str = "fp32", overwrite: bool = False, progress: bool = True) -> Path:
+    """Load ``model_dir``, quantise it layer by layer and write it (+ tokenizer) to ``out_dir``.
+
+    ``out_dir`` must be new or empty unless ``overwrite`` (checked before loading)."""
+    from btlm.io import check_output_dir, load_model, parse_dtype, resolve_tokenizer
+
+    from . import save_quantized
+    from .config import BTLMQuantConfig, read_unquantized_btlm_config
+
+    BTLMQuantConfig(bits=bits, group_size=group_size, embedding_bits=embedding_bits)  # validate before loading
+    check_output_dir(out_dir, overwrite, what="--out")
+    model_dir = Path(model_dir)
+    read_unquantized_btlm_config(model_dir, quantized_hint="quantise from the unquantised model directory")
+    model = load_model(model_dir)  # in the checkpoint's dtype: bf16 for the release, no fp32 copy of 3B
+    with torch.no_grad():
+        quantize_model(model, bits=bits, group_size=group_size, embedding_bits=embedding_bits, progress=progress)
+        cast_unquantized(model, parse_dtype(dtype))
+    return save_quantized(model, out_dir, tokenizer=resolve_tokenizer(model_dir), overwrite=overwrite)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -74,9 +72,9 @@ def write_random_checkpoint(out_dir: str | os.PathLike, variant: str, preset: st
     weight_dtype = torch.bfloat16 if variant == "bf16" else torch.float32
     bits = {"int8": 8, "int4": 4}.get(variant)
     gen = torch.Generator().manual_seed(seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    from btlm.io import atomic_dir
+
+    with atomic_dir(out) as tmp:  # renamed into place when complete
         n_shards = config.n_layer + 1
         weight_map: dict[str, str] = {}
         total = 0
@@ -111,8 +109,4 @@ def write_random_checkpoint(out_dir: str | os.PathLike, variant: str, preset: st
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
         config.dtype = weight_dtype
         config.save_pretrained(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from btlm.errors import BTLMError, UsageError
+
 
 def check_dependencies() -> None:
     """One clear error when the ``serve`` extra (FastAPI, uvicorn) is not installed."""
@@ -21,7 +23,7 @@ def check_dependencies() -> None:
 
     for module in ("fastapi", "uvicorn"):
         if importlib.util.find_spec(module) is None:
-            raise ImportError(f"btlm serve needs {module!r}: pip install 'btlm[serve]'")
+            raise BTLMError(f"btlm serve needs {module!r}: pip install 'btlm[serve]'")
 
 
 def load_engine(model: str | os.PathLike, engine: str = "auto", dtype=None, device: str | None = None,
@@ -35,7 +37,7 @@ def load_engine(model: str | os.PathLike, engine: str = "auto", dtype=None, devi
         engine = "llama.cpp" if path.suffix == ".gguf" else "torch"
     if engine == "torch":
         if path.suffix == ".gguf":
-            raise ValueError(f"{path} is a GGUF file: serve it with --engine llama.cpp (the torch engine takes a "
+            raise BTLMError(f"{path} is a GGUF file: serve it with --engine llama.cpp (the torch engine takes a "
                              "btlm model directory)")
         from .engine import TorchEngine
 
@@ -44,7 +46,7 @@ def load_engine(model: str | os.PathLike, engine: str = "auto", dtype=None, devi
         from .llama_engine import LlamaCppEngine
 
         return LlamaCppEngine.from_path(path, n_ctx=n_ctx, n_threads=n_threads)
-    raise ValueError(f"unknown engine {engine!r}; choose torch or llama.cpp")
+    raise UsageError(f"unknown engine {engine!r}; choose torch or llama.cpp")
 
 
 def default_model_name(model: str | os.PathLike) -> str:

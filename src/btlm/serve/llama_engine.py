@@ -39,7 +39,9 @@ class LlamaCppEngine(Engine):
         try:
             import llama_cpp
         except ImportError:
-            raise ImportError("the llama.cpp engine needs llama-cpp-python: pip install 'btlm[llama]'") from None
+            from btlm.errors import BTLMError
+
+            raise BTLMError("the llama.cpp engine needs llama-cpp-python: pip install 'btlm[llama]'") from None
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist (write one with `btlm export-gguf`)")

@@ -17,12 +17,13 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from btlm.errors import BTLMError
 
 logger = logging.getLogger("btlm.train")
 
@@ -32,7 +33,7 @@ LOADABLE_STATES = ("model", "optimizer", "dataloader", "grad_scaler", "lr_schedu
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BTLMError, RuntimeError):
     """A checkpoint that cannot be found, read or applied (the message names the file)."""
 
 
@@ -82,17 +83,12 @@ def atomic_torch_save(obj, path: str | Path) -> None:
 
     A crash mid-write leaves the previous checkpoint untouched and no file with a checkpoint name.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from btlm.io import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load_checkpoint_file(path: str | Path) -> dict:

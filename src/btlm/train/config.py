@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
+
+from btlm.errors import BTLMError
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -54,7 +56,7 @@ RENAMED_OPTIMIZER_KEYS = {"weight_decay_rate": "weight_decay", "beta1": "betas",
                           "eps1": "eps", "eps2": "eps"}
 
 
-class ConfigError(ValueError):
+class ConfigError(BTLMError, ValueError):
     """An invalid params YAML: the message names the file, the key and what was expected."""
 
 
@@ -468,6 +470,9 @@ class RunConfig(_Section):
     peak_flops: PositiveFloat | None = None
     #: Attention implementation of the model ("sdpa" is memory-bounded, "eager" the reference).
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    #: Load ``checkpoint_<step>.dcp`` directories (FSDP2), whose ``.metadata`` is a pickle: set only by
+    #: ``--allow_unpickle``; without it no automatic path (auto-resume, eval) unpickles anything.
+    allow_unpickle: bool = False
 
 
 class Params(_Section):

@@ -1,4 +1,4 @@
-"""``btlm convert``: training checkpoints ↔ the released Hugging Face layout.
+"""Training checkpoints ↔ the released Hugging Face layout (``btlm convert``).
 
 * ``btlm convert to-hf CHECKPOINT OUT_DIR [--tokenizer DIR]`` — a ``checkpoint_<step>.mdl`` (or FSDP2
   ``.dcp`` directory) → ``model.safetensors`` + ``config.json`` + tokenizer, loadable with
@@ -16,9 +16,7 @@ Training checkpoints already use the HF parameter names, so conversion is a copy
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -27,10 +25,14 @@ import yaml
 from .checkpoint import CheckpointError, atomic_torch_save, load_checkpoint_file
 
 
-def read_training_checkpoint(path: str | Path) -> dict:
-    """A ``.mdl`` file or a ``.dcp`` directory as one full, CPU state dict (weights_only-safe)."""
+def read_training_checkpoint(path: str | Path, allow_unpickle: bool = False) -> dict:
+    """A ``.mdl`` file (weights_only-safe) or, with ``allow_unpickle``, a ``.dcp`` directory (whose
+    ``.metadata`` is a pickle) as one full, CPU state dict."""
     path = Path(path)
     if path.is_dir():
+        if not allow_unpickle:
+            raise CheckpointError(f"{path} is a torch.distributed.checkpoint directory, whose .metadata is a pickle "
+                                  "that can run code; pass --allow-unpickle to convert it (only if you wrote it)")
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
         if not (path / ".metadata").is_file():
@@ -116,19 +118,22 @@ def special_token_ids(params, tokenizer, vocab_size: int) -> dict:
 
 
 def checkpoint_to_hf(checkpoint: str | Path, out_dir: str | Path, params_path: str | Path | None = None,
-                     tokenizer_dir: str | Path | None = None, log=print) -> Path:
-    """Write the model of a training checkpoint in the released HF layout (via ``btlm.inference.save_model``).
+                     tokenizer_dir: str | Path | None = None, overwrite: bool = False, allow_unpickle: bool = False,
+                     log=print) -> Path:
+    """Write the model of a training checkpoint in the released HF layout (via :func:`btlm.io.save_model`).
 
     Token ids and tokenizer: see :func:`special_token_ids` and :func:`choose_tokenizer`; ``log``
-    receives the one-line note when no tokenizer is bundled.
-    """
-    from btlm.inference import save_model
+    receives the one-line note when no tokenizer is bundled. ``out_dir`` must be new or empty unless
+    ``overwrite`` (which replaces only model files: a run directory's checkpoints and logs stay);
+    ``allow_unpickle`` is needed for a ``.dcp`` directory."""
+    from btlm.io import check_output_dir, save_model
     from btlm.model import BTLMLMHeadModel
 
     from .config import load_params, parse_params
     from .modeling import btlm_config_from_params
 
-    state = read_training_checkpoint(checkpoint)
+    check_output_dir(out_dir, overwrite)
+    state = read_training_checkpoint(checkpoint, allow_unpickle)
     if params_path is not None:
         params, _ = load_params(params_path)
     else:
@@ -150,7 +155,7 @@ def checkpoint_to_hf(checkpoint: str | Path, out_dir: str | Path, params_path: s
     model.tie_weights()
     if note:
         log(note)
-    return save_model(model, out_dir, tokenizer=tokenizer if tokenizer is not None else False)
+    return save_model(model, out_dir, tokenizer=tokenizer if tokenizer is not None else False, overwrite=overwrite)
 
 
 def hf_config_to_params(config, msl: int | None = None) -> dict:
@@ -191,15 +196,18 @@ def hf_config_to_params(config, msl: int | None = None) -> dict:
 
 
 def hf_to_checkpoint(model_dir: str | Path, out: str | Path, params_out: str | Path | None = None,
-                     msl: int | None = None) -> Path:
+                     msl: int | None = None, overwrite: bool = False) -> Path:
     """HF model directory → ``{"model", "global_step": 0, "__metadata__"}`` checkpoint (fp32 weights).
 
-    ``params_out`` gets the matching YAML sections (see :func:`hf_config_to_params` for ``msl``).
-    """
+    ``params_out`` gets the matching YAML sections (see :func:`hf_config_to_params` for ``msl``); ``out``
+    (and ``params_out``) must not exist unless ``overwrite``."""
     import torch
 
-    from btlm.inference import load_model
+    from btlm.io import atomic_write, check_output_file, load_model
 
+    check_output_file(out, overwrite)
+    if params_out is not None:
+        check_output_file(params_out, overwrite)
     model = load_model(str(model_dir), dtype=torch.float32)
     sections = hf_config_to_params(model.config, msl)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -213,53 +221,5 @@ def hf_to_checkpoint(model_dir: str | Path, out: str | Path, params_out: str | P
             "# loss_scaling / loss_weight are left out: BTLM's Model Zoo form is loss_scaling: batch_size with\n"
             "# loss_weight: 1/<max_seq_length of your data> (rerun with --msl N to write it); the default\n"
             "# (num_tokens) is the per-token mean at any sequence length.\n")
-        text = header + yaml.safe_dump(sections, sort_keys=False)
-        tmp = Path(params_out).with_name(f".{Path(params_out).name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(params_out)
+        atomic_write(params_out, header + yaml.safe_dump(sections, sort_keys=False))
     return out
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="btlm convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    to_hf = sub.add_parser("to-hf", help="training checkpoint -> HF model directory")
-    to_hf.add_argument("checkpoint", help="checkpoint_<step>.mdl file or checkpoint_<step>.dcp directory")
-    to_hf.add_argument("out_dir", help="output directory (written atomically)")
-    to_hf.add_argument("--params", default=None, help="params YAML (default: the params stored in the checkpoint)")
-    to_hf.add_argument("--tokenizer", default=None, metavar="DIR",
-                       help="tokenizer directory to bundle (default: GPT-2's, when it fits the model's vocab_size)")
-    from_hf = sub.add_parser("from-hf", help="HF model directory -> training checkpoint")
-    from_hf.add_argument("model_dir", help="directory with config.json + weights (released layout)")
-    from_hf.add_argument("out", help="output checkpoint file, e.g. runs/ft/checkpoint_0.mdl")
-    from_hf.add_argument("--params-out", default=None, help="write the matching model:/optimizer: YAML sections here")
-    from_hf.add_argument("--msl", type=int, default=None,
-                         help="max_seq_length of the data to train on: --params-out then sets loss_scaling: "
-                              "batch_size, loss_weight: 1/msl (default: both left out)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from btlm.inference import ModelLoadError
-
-    from .config import ConfigError
-
-    try:
-        if args.command == "to-hf":
-            out = checkpoint_to_hf(args.checkpoint, args.out_dir, args.params, args.tokenizer,
-                                   log=lambda m: print(f"note: {m}", file=sys.stderr))
-        else:
-            if args.msl is not None and args.params_out is None:
-                raise CheckpointError("--msl only sets loss_weight in --params-out; pass --params-out too")
-            out = hf_to_checkpoint(args.model_dir, args.out, args.params_out, args.msl)
-    except (CheckpointError, ConfigError, ModelLoadError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

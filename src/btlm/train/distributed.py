@@ -3,7 +3,7 @@
 A run is distributed when it is launched by ``torchrun`` (``RANK``/``WORLD_SIZE`` set) or when
 ``runconfig.enable_distributed: True`` on GPU, in which case ``btlm run`` relaunches itself under
 ``torchrun --nproc_per_node=<local GPUs>`` (the Model Zoo behaviour, spec §1.2). Multi-node: start
-``torchrun --nnodes=N --node_rank=i --nproc_per_node=G --rdzv_endpoint=HOST:PORT -m btlm.run GPU ...``
+``torchrun --nnodes=N --node_rank=i --nproc_per_node=G --rdzv_endpoint=HOST:PORT -m btlm run GPU ...``
 on every node.
 
 Checkpoint state dicts always go through ``torch.distributed.checkpoint.state_dict`` so that the
@@ -61,9 +61,9 @@ def launched_by_torchrun() -> bool:
 
 
 def relaunch_with_torchrun(argv: list[str], nproc: int) -> int:
-    """Re-run ``btlm.run`` with the same arguments under ``torchrun`` on this node; returns its exit code."""
+    """Re-run ``btlm run`` with the same arguments under ``torchrun`` on this node; returns its exit code."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-           "-m", "btlm.run", *argv]
+           "-m", "btlm", "run", *argv]
     logger.info("enable_distributed: relaunching on %d processes: %s", nproc, " ".join(cmd))
     return subprocess.call(cmd)
 

@@ -27,11 +27,12 @@ from .config import InputConfig, Params
 from .metrics import LMEvalMetrics
 from .modeling import build_model, lm_loss
 from .optim import ScheduledLR, build_optimizer
+from btlm.errors import BTLMError
 
 logger = logging.getLogger("btlm.train")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(BTLMError, RuntimeError):
     """A run that cannot continue (NaN loss, nothing to train, bad resume); the message says why."""
 
 
@@ -100,10 +101,9 @@ def setup_logging(log_file: Path | None, level: str | int | None, is_main: bool)
 
 
 def write_params_yaml(raw: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
-    tmp.replace(path)
+    from btlm.io import atomic_write
+
+    atomic_write(path, yaml.safe_dump(raw, sort_keys=False))
 
 
 # ---- the runner ----------------------------------------------------------------------------------
@@ -113,11 +113,13 @@ class Runner:
     """Builds everything for one process and runs ``train`` / ``eval`` / ``eval_all``."""
 
     def __init__(self, params: Params, raw: dict, model_dir: str | Path, target_device: str = "CPU",
-                 env: D.DistEnv | None = None):
+                 env: D.DistEnv | None = None, progress: bool | None = None):
         self.params, self.raw = params, raw
         self.rc = params.runconfig
         self.model_dir = Path(model_dir)
         self.target_device = target_device
+        #: progress bars: None = when stderr is a terminal (tqdm's rule); only the main process shows them
+        self.progress = progress
         self.env = env or D.DistEnv(device=torch.device("cuda" if target_device == "GPU" else "cpu"))
         self.model_dir.mkdir(parents=True, exist_ok=True)
         self.writer = None
@@ -136,6 +138,12 @@ class Runner:
         if m.fp16_type == "cbfloat16":
             logger.warning("fp16_type cbfloat16 is a Cerebras format; using bfloat16")
         return {"bfloat16": torch.bfloat16, "float16": torch.float16}[m.half_dtype]
+
+    def _bars_off(self) -> bool | None:
+        """tqdm's ``disable``: None lets tqdm decide by the terminal."""
+        if not self.env.is_main:
+            return True
+        return None if self.progress is None else not self.progress
 
     def _summary_dir(self, mode: str) -> Path:
         return Path(self.rc.summary_dir) if self.rc.summary_dir else self.model_dir / mode
@@ -175,8 +183,21 @@ class Runner:
             return nullcontext()
         return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
 
+    def _check_data(self, loader, cfg: InputConfig) -> None:
+        """The rows must fit the model: msl within max_position_embeddings (checked before any step)."""
+        msl, limit = getattr(loader.dataset, "msl", None), self.params.model.max_position_embeddings
+        if msl is not None and msl > limit:
+            raise TrainingError(f"data_dir {cfg.data_dir or cfg.mixture}: rows of {msl} tokens exceed the model's "
+                                f"max_position_embeddings {limit}")
+
     def _forward_loss(self, model, batch):
-        input_ids = batch["input_ids"].to(self.env.device, non_blocking=True).long()
+        ids = batch["input_ids"]
+        vocab = self.params.model.vocab_size
+        if int(ids.max()) >= vocab or int(ids.min()) < 0:  # the embedding lookup would fail with an index error
+            bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
+            raise TrainingError(f"the data holds token id {bad}, outside the model's vocab_size {vocab} "
+                                "(data prepared with another tokenizer?)")
+        input_ids = ids.to(self.env.device, non_blocking=True).long()
         labels = batch["labels"].to(self.env.device, non_blocking=True)
         mask = batch["attention_mask"].to(self.env.device, non_blocking=True)
         with self._autocast():
@@ -192,10 +213,21 @@ class Runner:
             path = Path(self.rc.checkpoint_path)
             if not path.exists():
                 raise ckpt.CheckpointError(f"--checkpoint_path {path} does not exist")
+            self._check_unpickle(path)
             return path
         if self.rc.autoload_last_checkpoint:
-            return ckpt.latest_checkpoint(self.model_dir)
+            path = ckpt.latest_checkpoint(self.model_dir)
+            if path is not None:
+                self._check_unpickle(path)
+            return path
         return None
+
+    def _check_unpickle(self, path: Path) -> None:
+        """A ``.dcp`` directory's ``.metadata`` is a pickle (code runs when it loads): only with ``allow_unpickle``."""
+        if path.is_dir() and not self.rc.allow_unpickle:
+            raise ckpt.CheckpointError(
+                f"{path} is a torch.distributed.checkpoint directory, whose .metadata is a pickle that can run code; "
+                "pass --allow_unpickle to load it (only if you wrote it), or --checkpoint_path a .mdl checkpoint")
 
     def _read_checkpoint(self, path: Path, model, optimizer) -> dict:
         """Load model (+ optimizer for train) from ``path``; returns the remaining states."""
@@ -282,6 +314,8 @@ class Runner:
         if p.optimizer is None or p.train_input is None:
             raise TrainingError("train mode needs 'optimizer' and 'train_input' sections in the params")
         self._open_run("train")
+        loader = make_dataloader(p.train_input, env)  # before the model: bad data fails before any compute
+        self._check_data(loader, p.train_input)
         model = self._build_model()
         optimizer = build_optimizer(D.unwrap(model), p.optimizer)
         scheduler = ScheduledLR(optimizer, p.optimizer.schedule())
@@ -292,7 +326,6 @@ class Runner:
             scaler = torch.amp.GradScaler("cuda", init_scale=init, growth_interval=p.optimizer.steps_per_increase,
                                           enabled=True, growth_factor=2.0 if dynamic else 1.0,
                                           backoff_factor=0.5 if dynamic else 1.0)
-        loader = make_dataloader(p.train_input, env)
 
         global_step = 0
         last_ckpt = self._resolve_checkpoint()
@@ -348,7 +381,7 @@ class Runner:
         start_step = global_step
         t_start = time.perf_counter()
         t_last, samples_since, samples_total = t_start, 0, 0
-        bar = tqdm(total=target - global_step, desc="train", unit="step", disable=None if env.is_main else True)
+        bar = tqdm(total=target - global_step, desc="train", unit="step", disable=self._bars_off())
         while global_step < target:
             loss_sum = torch.zeros((), device=env.device)
             for micro in range(accum):
@@ -465,8 +498,10 @@ class Runner:
                 state = self._read_checkpoint(path, model, None)  # eval loads only the model (+ step)
                 global_step = int(state.get("global_step", 0))
             else:
-                logger.warning("No checkpoint found in %s: evaluating a freshly initialised model", self.model_dir)
+                raise TrainingError(f"eval: no checkpoint_<step>.mdl in --model_dir {self.model_dir} (and no "
+                                    "--checkpoint_path): nothing to evaluate")
         loader = make_dataloader(p.eval_input, env)
+        self._check_data(loader, p.eval_input)
         try:
             n_batches = len(loader)
         except TypeError:
@@ -479,7 +514,7 @@ class Runner:
         data_iter = iter(loader)
         t0 = time.perf_counter()
         with torch.no_grad():
-            for _ in tqdm(range(steps), desc="eval", unit="batch", disable=None if env.is_main else True):
+            for _ in tqdm(range(steps), desc="eval", unit="batch", disable=self._bars_off()):
                 try:
                     batch = next(data_iter)
                 except StopIteration:  # eval_steps larger than the set: wrap around

@@ -1,0 +1,87 @@
+"""``btlm data``: ``LMData`` (raw text → HDF5 shards), ``inspect DIR``, ``shuffle IN OUT --seed S``.
+
+Building these parsers imports neither torch nor transformers, so ``btlm data`` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+
+from btlm.cli.common import Parser, add_overwrite, add_progress, progress_enabled, str2bool
+
+DESCRIPTION = """\
+Prepare HDF5 training data in the Cerebras Model Zoo layout.
+
+  LMData ...                 raw text (.txt/.jsonl/.jsonl.zst/.jsonl.gz/.parquet) -> [n, 3, msl] int32 .h5 shards
+                             (the Model Zoo create_hdf5_dataset.py LMData flags)
+  inspect DIR                counts, token statistics and a decoded row of a shard directory
+  shuffle IN OUT --seed S    global offline shuffle of all rows across shards (like h5_dataset_shuffle.py)
+
+Only LMData of the Model Zoo modes is supported (Summarization, FIM, *_VSL and Customize are not)."""
+
+
+def build_parser(name: str = "data") -> Parser:
+    from btlm.data.options import OPTIONS, str2bool as data_str2bool
+
+    ap = Parser(prog="btlm data", description=DESCRIPTION)
+    sub = ap.add_subparsers(dest="mode", required=True, metavar="{LMData,inspect,shuffle}")
+    p = sub.add_parser("LMData", help="raw text -> packed [n, 3, msl] int32 rows (input_ids, attention_mask, labels)",
+                       description="Tokenize documents (+EOS), pack them into rows of max_seq_length and write .h5 "
+                                   "shards plus data_params.json into --output_dir (refused if it already holds "
+                                   "shards, unless resuming). Booleans take True/False or stand alone.")
+    p.add_argument("--params", help="YAML with setup / processing / dataset sections (command-line flags override it)")
+    for key, (_, typ, default, help_) in OPTIONS.items():
+        if key == "display_pbar":
+            continue
+        typ = str2bool if typ is data_str2bool else typ
+        p.add_argument(f"--{key}", type=typ, default=None, help=f"{help_} (default: {default})")
+    add_progress(p, dest="display_pbar", aliases=("--display_pbar",))
+
+    i = sub.add_parser("inspect", help="summarise a directory of .h5 shards",
+                       description="Summarise a directory of .h5 shards: counts, token statistics, a decoded row.")
+    i.add_argument("data_dir")
+    i.add_argument("--row", type=int, default=0, help="which row to decode")
+    i.add_argument("--top", type=int, default=10, help="how many most frequent tokens to list")
+    i.add_argument("--json", action="store_true", help="print the statistics as JSON")
+
+    s = sub.add_parser("shuffle", help="global shuffle of every row across shards",
+                       description="Shuffle every row of IN's .h5 shards (searched recursively) into OUT.")
+    s.add_argument("input_dir")
+    s.add_argument("output_dir")
+    s.add_argument("--seed", type=int, required=True, help="seed of the shuffle (same seed, same output)")
+    s.add_argument("--num-output-chunks", type=int, default=None, help="output files (default: as many as inputs)")
+    s.add_argument("--compression", choices=("gzip", "lzf", "none"), default="gzip", help="HDF5 compression")
+    add_overwrite(s)
+    add_progress(s, aliases=("--display_pbar",))
+    return ap
+
+
+def execute(name: str, args) -> int:
+    if args.mode == "LMData":
+        from btlm.data.create_hdf5_dataset import run
+        from btlm.data.options import OPTIONS, load_config
+
+        cfg = load_config(args.params, {k: getattr(args, k) for k in OPTIONS})
+        if cfg["display_pbar"] is None:
+            cfg["display_pbar"] = progress_enabled(None)
+        params = run(cfg)
+        pp, st = params["post-process"], params["h5_dataset_stats"]
+        print(f"wrote {pp['n_shards']} shards, {pp['n_examples']} sequences of {cfg['max_seq_length']} tokens to "
+              f"{cfg['output_dir']} ({pp['documents']} documents, {pp['tokens']} tokens, padding "
+              f"{st['padding_fraction']:.2%}, {pp['seconds']:.1f} s)")
+        if pp["discarded"]:
+            print(f"discarded records: {pp['discarded']} (first ones listed under 'problems' in data_params.json)")
+        return 0
+    if args.mode == "inspect":
+        from btlm.data.tools import format_inspect, inspect_dir
+
+        info = inspect_dir(args.data_dir, args.row, args.top)
+        print(json.dumps(info, indent=2, ensure_ascii=False) if args.json else format_inspect(info))
+        return 0
+    from btlm.data.tools import shuffle_dir
+
+    info = shuffle_dir(args.input_dir, args.output_dir, args.seed, args.num_output_chunks, args.compression,
+                       progress_enabled(args.progress), overwrite=args.overwrite)
+    print(f"shuffled {info['rows']} rows from {info['input_files']} files into {info['num_output_chunks']} files "
+          f"in {args.output_dir}")
+    return 0
