@@ -80,6 +80,12 @@ class _Group(argparse._ArgumentGroup):
         return super().add_argument(*names, **kwargs)
 
 
+class _ExclusiveGroup(argparse._MutuallyExclusiveGroup):
+    def add_argument(self, *names, **kwargs):
+        names, kwargs = _conventions(names, kwargs)
+        return super().add_argument(*names, **kwargs)
+
+
 class Parser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` with btlm's conventions applied to every option it is given."""
 
@@ -90,6 +96,11 @@ class Parser(argparse.ArgumentParser):
     def add_argument(self, *names, **kwargs):
         names, kwargs = _conventions(names, kwargs)
         return super().add_argument(*names, **kwargs)
+
+    def add_mutually_exclusive_group(self, **kwargs):
+        group = _ExclusiveGroup(self, **kwargs)
+        self._mutually_exclusive_groups.append(group)
+        return group
 
     def add_argument_group(self, *args, **kwargs):
         group = _Group(self, *args, **kwargs)
