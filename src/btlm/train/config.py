@@ -368,6 +368,10 @@ class ModelConfig(_Section):
             raise ValueError("use_position_embedding: False (no position information) is not supported")
         if self.pos_scaling_factor != 1.0 and self.position_embedding_type != "alibi":
             raise ValueError("pos_scaling_factor only applies to position_embedding_type: alibi")
+        if getattr(self, "lora_params", None):
+            # Refused rather than ignored: ignoring it would silently train every weight of the model.
+            raise ValueError("lora_params: LoRA is not supported by btlm run yet; fine-tune with peft + "
+                             "transformers.Trainer instead (docs/finetune.md)")
         return self
 
     @property
