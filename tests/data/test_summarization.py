@@ -54,9 +54,9 @@ def write_pairs(path, pairs, prompt_key="source", completion_key="target"):
 
 
 def summarize(input_dir, output_dir, **kw):
-    cfg = load_config(None, dict(input_dir=str(input_dir), output_dir=str(output_dir), processes=1,
-                                 max_seq_length=32, files_per_record=2, prompt_key="source",
-                                 completion_key="target", display_pbar=False, **kw), "Summarization")
+    settings = dict(input_dir=str(input_dir), output_dir=str(output_dir), processes=1, max_seq_length=32,
+                    files_per_record=2, prompt_key="source", completion_key="target", display_pbar=False)
+    cfg = load_config(None, {**settings, **kw}, "Summarization")
     return run(cfg, batch_chars=100, log=lambda *a: None)
 
 
@@ -170,3 +170,53 @@ def test_cli_flags_and_training_loader(tmp_path, capsys):
     loss = lm_loss(logits, labels, mask, SimpleNamespace(loss_scaling="num_tokens", loss_weight=1.0))
     ce = torch.nn.functional.cross_entropy(logits[mask.bool()], labels[mask.bool()].long())
     torch.testing.assert_close(loss, ce)  # only completion positions carry loss
+
+
+def test_processes_parquet_and_yaml_give_the_same_rows(tmp_path):
+    """Worker processes, parquet input and a Model Zoo YAML change nothing in the rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_pairs(tmp_path / "in" / "pairs.jsonl", PAIRS)
+    summarize(tmp_path / "in", tmp_path / "ref", sep_token="<|endoftext|>")
+    ref = read_rows(tmp_path / "ref")
+    summarize(tmp_path / "in", tmp_path / "procs", sep_token="<|endoftext|>", processes=2)
+    np.testing.assert_array_equal(read_rows(tmp_path / "procs"), ref)
+
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"source": [p for p, _ in PAIRS], "target": [c for _, c in PAIRS]}),
+                   tmp_path / "pq" / "pairs.parquet")
+    summarize(tmp_path / "pq", tmp_path / "parquet", sep_token="<|endoftext|>")
+    np.testing.assert_array_equal(read_rows(tmp_path / "parquet"), ref)
+
+    yaml_path = tmp_path / "summ.yaml"  # the Model Zoo summarization_preprocessing.yaml sections
+    yaml_path.write_text(f"""
+setup:
+    input_dir: {tmp_path / 'in'}
+    output_dir: {tmp_path / 'yaml'}
+    processes: 1
+    dataset_processor: "SummarizationPreprocessor"
+processing:
+    max_seq_length: 32
+    files_per_record: 2
+    write_in_batch: True
+dataset:
+    use_ftfy: False
+    sep_token: "<|endoftext|>"
+    prompt_key: "source"
+    completion_key: "target"
+""")
+    run(load_config(str(yaml_path), {"display_pbar": False}, "Summarization"), log=lambda *a: None)
+    np.testing.assert_array_equal(read_rows(tmp_path / "yaml"), ref)
+    with pytest.raises(DataError, match="dataset_processor = 'SummarizationPreprocessor' is not supported here"):
+        load_config(str(yaml_path), {}, "LMData")
+
+
+def test_sep_token_lookup_uses_the_vocabulary_spelling():
+    """As the Model Zoo's ``token in encoder``: GPT-2 vocabulary strings spell a leading space as "Ġ"."""
+    from btlm.data.preprocess import BatchTokenizer, TokenizerSpec
+
+    tok = BatchTokenizer(TokenizerSpec())
+    assert tok.token_id("<|endoftext|>") == EOS_ID
+    assert tok.token_id("ĠTL") == ENC.encode_ordinary(" TL")[0] and tok.token_id(" TL") is None
+    assert tok.token_id("<sep>") is None and tok.token_id("TL;DR:") is None
