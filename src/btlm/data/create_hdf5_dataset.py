@@ -17,6 +17,10 @@ A re-implementation of the Cerebras Model Zoo ``create_hdf5_dataset.py LMData`` 
 * **Model Zoo's token stream.** Every document read, empty and whitespace-only ones included, is
   tokenized and followed by EOS exactly as ``LMData`` does (``""`` → ``[EOS]``, ``" "`` → ``[220, EOS]``),
   so the packed stream is the Model Zoo's, plus the final partial window it drops.
+* ``btlm data Summarization`` runs through the same reader, worker pool, shard writer and resume
+  checkpoints: records are (prompt, completion) pairs, workers turn each into one row
+  (:func:`btlm.data.preprocess.pair_row`, the Model Zoo SummarizationPreprocessor layout) and
+  :class:`PairRows` stands in for the packer; each row carries where its loss mask starts.
 * ``--use_ftfy`` defaults to False (the Model Zoo README's documented default; its code said True,
   which the spec marks as a discrepancy). Shard names are zero-padded (``examples_00000.h5``) so the
   loader's sorted file order is the corpus order.
