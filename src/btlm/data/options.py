@@ -1,5 +1,6 @@
 """The settings of ``btlm data LMData`` and ``btlm data Summarization`` (the Model Zoo
-``create_hdf5_dataset.py`` flags and YAML keys), their defaults, and the merge and checks of a configuration. Light to import: no numpy, h5py or torch.
+``create_hdf5_dataset.py`` flags and YAML keys), their defaults, and the merge and checks of a configuration.
+Light to import: no numpy, h5py or torch.
 """
 
 from __future__ import annotations
