@@ -56,6 +56,22 @@ def _check_model_dir(path: str) -> None:
         raise ModelLoadError(f"{path} has no weights (model*.safetensors or pytorch_model*.bin)")
 
 
+def choose_device(path: str | os.PathLike, device: str | None = None) -> str:
+    """The device to run the model at ``path`` on: ``device`` if given, else CUDA when available, else CPU.
+
+    Quantised (int4/int8) models run on CPU only (their kernels are PyTorch's weight-only CPU kernels):
+    they default to CPU, and asking for another device is refused with one :class:`ModelLoadError`."""
+    config = BTLMConfig.from_pretrained(str(path))
+    quant = getattr(config, "quantization_config", None)
+    if quant:
+        bits = quant.get("bits") if isinstance(quant, dict) else getattr(quant, "bits", None)
+        if device is not None and torch.device(device).type != "cpu":
+            raise ModelLoadError(f"{path} is an int{bits} quantised model, which runs on CPU only; "
+                                 f"got device {device!r} (use --device cpu or leave it out)")
+        return "cpu"
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_model(path: str | os.PathLike, dtype=None, device=None, **config_overrides) -> BTLMLMHeadModel:
     """Load a BTLM checkpoint (a local directory or a hub id) in the released HF layout.
 
@@ -162,7 +178,7 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-repeat-ngram-size", type=int, default=0)
     p.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES),
                    help="compute dtype (fp32 default: bf16 matmuls are slow on CPUs without AVX512-BF16)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available; cpu for quantised models)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-stream", action="store_true", help="print the whole text at the end instead of streaming")
     return p
@@ -179,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args = _generate_parser().parse_args(rest)
         torch.manual_seed(args.seed)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        _check_model_dir(args.model)
+        device = choose_device(args.model, args.device)
         model = load_model(args.model, dtype=args.dtype, device=device)
         tokenizer = load_tokenizer(args.model) if Path(args.model, "tokenizer_config.json").is_file() else load_tokenizer()
         stream = not args.no_stream and args.num_beams == 1

@@ -85,7 +85,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             return D.relaunch_with_torchrun(argv, torch.cuda.device_count())
         print("btlm run: enable_distributed with a single local device: running one process "
               "(launch under torchrun --nproc_per_node=N for N processes)", file=sys.stderr)
-    env = D.init_distributed(args.target_device, rc.dist_backend, rc.init_method, rc.distributed_strategy)
+    env = D.init_distributed(args.target_device, rc.dist_backend, rc.init_method, rc.distributed_strategy,
+                             rc.dist_timeout_minutes)
     try:
         runner = Runner(params, raw, rc.model_dir, args.target_device, env)
         if args.mode == "train":

@@ -79,7 +79,7 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="model directory (released HF layout)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, … (default: cuda if available)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, … (default: cuda if available; cpu for quantised models)")
 
 
 def load_for_context(model_path: str, context: int, dtype=None, device=None):
@@ -87,14 +87,16 @@ def load_for_context(model_path: str, context: int, dtype=None, device=None):
 
     Raising ``n_positions`` is how BTLM runs past its training length (ALiBi has no position table); the
     scaling setting is switched later on the loaded model (see :func:`apply_scaling`), so the weights are
-    loaded once for all settings. ``device`` None means CUDA when available, else CPU.
+    loaded once for all settings. ``device`` None means CUDA when available, else CPU (always CPU for a
+    quantised model, which refuses any other device).
     """
-    from btlm.inference import load_model
+    from btlm.inference import _check_model_dir, choose_device, load_model
     from btlm.model import BTLMConfig
 
+    _check_model_dir(model_path)
     trained = BTLMConfig.from_pretrained(model_path).n_positions if Path(model_path, "config.json").is_file() else None
     overrides = {"n_positions": max(context, trained or 0)}
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = choose_device(model_path, device)
     model = load_model(model_path, dtype=dtype, device=device, **overrides)
     return model, trained
 
