@@ -340,3 +340,28 @@ def test_forward_reads_no_values_back_from_the_device():
     x = torch.randint(0, 97, (2, 40), device="meta")
     out = model(x, labels=x, attention_mask=torch.ones(2, 40, dtype=torch.long, device="meta"), use_cache=False)
     assert out.logits.shape == (2, 40, 97) and out.loss.device.type == "meta"
+
+
+def test_recomputed_chunks_replay_attention_dropout(monkeypatch):
+    """With attention dropout, the backward's recomputation draws the same masks as the forward: the
+    gradients equal those of plain autograd through the same chunks (same seed)."""
+    from btlm.model import model as modeling
+
+    model = make_model("sdpa", attn_pdrop=0.3).train()
+    model.config.attn_chunk_size = 6
+    x = ids(2, 20)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        model(x, labels=x, use_cache=False).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    recomputed = grads()
+    monkeypatch.setattr(modeling._RecomputedChunkAttention, "apply",
+                        lambda q, k, v, attn, ctx, chunks, p, scale: attn._chunks(q, k, v, ctx, chunks, p, scale))
+    plain = grads()
+    for name, g in plain.items():
+        torch.testing.assert_close(recomputed[name], g, atol=1e-6, rtol=1e-5, msg=name)
+    model.config.attn_pdrop = 0.0  # dropout really acted: without it the gradients differ
+    assert not torch.allclose(grads()["transformer.h.0.attn.c_attn.weight"], plain["transformer.h.0.attn.c_attn.weight"])

@@ -12,9 +12,9 @@ Two attention paths share one ALiBi implementation (:func:`alibi_bias`):
 * ``"sdpa"`` (default) — :func:`torch.nn.functional.scaled_dot_product_attention` over query chunks whose
   ALiBi bias + mask is built in the compute dtype, so the extra memory per layer is bounded by the chunk
   size instead of ``O(H·T²)`` fp32; each chunk only reads the keys its causal window can see. When
-  gradients are needed each chunk is checkpointed: its bias is rebuilt in the backward pass instead of
-  being kept (autograd would otherwise hold every chunk's bias, ``H·T²/2`` values per layer), so a
-  training step's memory grows linearly in T.
+  gradients are needed the backward pass recomputes each chunk, its bias included, instead of keeping it
+  (autograd would otherwise hold every chunk's bias, ``H·T²/2`` values per layer), so a training step's
+  memory grows linearly in T.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -308,18 +307,15 @@ class BTLMAttention(nn.Module):
         chunk = max(1, min(self.config.attn_chunk_size, _SDPA_BIAS_BUDGET // max(1, mask_batch * H * K)))
         scale = 1.0 / self.score_divisor()
         dropout_p = self.config.attn_pdrop if self.training else 0.0
-        # Training: checkpoint each chunk so autograd keeps only its inputs (views of q, k, v) and rebuilds
-        # the bias in backward; the recomputed forward is one extra chunk-sized SDPA call.
-        recompute = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        outputs = []
-        for c0 in range(0, T, chunk):
-            c1 = min(T, c0 + chunk)
-            kc = P + c1  # keys visible to the last row of the chunk
-            args = (q[:, :, c0:c1], k[:, :, :kc], v[:, :, :kc], P + c0, ctx, dropout_p, scale)
-            if recompute:  # preserve_rng_state (the default) replays attention dropout identically
-                outputs.append(checkpoint(self._chunk_attention, *args, use_reentrant=False))
-            else:
-                outputs.append(self._chunk_attention(*args))
+        chunks = [(c0, min(T, c0 + chunk)) for c0 in range(0, T, chunk)]
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _RecomputedChunkAttention.apply(q, k, v, self, ctx, chunks, dropout_p, scale)
+        return self._chunks(q, k, v, ctx, chunks, dropout_p, scale)
+
+    def _chunks(self, q, k, v, ctx, chunks, dropout_p, scale):
+        P = k.shape[-2] - q.shape[-2]
+        outputs = [self._chunk_attention(q[:, :, c0:c1], k[:, :, : P + c1], v[:, :, : P + c1], P + c0, ctx, dropout_p, scale)
+                   for c0, c1 in chunks]  # keys < P+c1: those the chunk's last row can see
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
 
     def _chunk_attention(self, q, k, v, q_start, ctx, dropout_p, scale):
@@ -343,6 +339,46 @@ class BTLMAttention(nn.Module):
         while bias.dim() < 4:
             bias = bias.unsqueeze(0)
         return bias
+
+
+class _RecomputedChunkAttention(torch.autograd.Function):
+    """The chunked SDPA path under autograd: the backward pass recomputes one chunk at a time, its bias
+    included, and accumulates that chunk's gradients into q, k, v's. Autograd keeps only q, k and v, so a
+    training step holds O(T) per layer instead of every chunk's ``[B, H, q, K]`` bias (H·T²/2 values), and
+    no per-chunk gradient of the key/value slices (a full-length tensor each) is alive at once."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn, attn_ctx, chunks, dropout_p, scale):
+        ctx.save_for_backward(q, k, v)
+        ctx.run = (attn, attn_ctx, chunks, dropout_p, scale)
+        # Attention dropout must draw the same masks when recomputed: start from the same RNG state.
+        ctx.rng = None
+        if dropout_p > 0:
+            ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(q.device) if q.device.type == "cuda" else None)
+        return attn._chunks(q, k, v, attn_ctx, chunks, dropout_p, scale)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        attn, attn_ctx, chunks, dropout_p, scale = ctx.run
+        P = k.shape[-2] - q.shape[-2]
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        cuda = [q.device] if q.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda, enabled=ctx.rng is not None):
+            if ctx.rng is not None:
+                torch.set_rng_state(ctx.rng[0])
+                if cuda:
+                    torch.cuda.set_rng_state(ctx.rng[1], q.device)
+            for c0, c1 in chunks:
+                kc = P + c1
+                with torch.enable_grad():
+                    inputs = [t.detach().requires_grad_() for t in (q[:, :, c0:c1], k[:, :, :kc], v[:, :, :kc])]
+                    out = attn._chunk_attention(*inputs, P + c0, attn_ctx, dropout_p, scale)
+                    gq, gk, gv = torch.autograd.grad(out, inputs, grad_out[:, :, c0:c1])
+                dq[:, :, c0:c1] = gq
+                dk[:, :, :kc] += gk
+                dv[:, :, :kc] += gv
+        return dq, dk, dv, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------
