@@ -16,7 +16,8 @@ over its RSS just before the step (the peak is reset through ``/proc/self/clear_
 the activations autograd keeps, the transient peaks of the backward pass and the parameter gradients.
 
     python benchmarks/train_memory.py [--lengths 2048,4096,8192] [--paths chunked,chunked-keep-bias,eager]
-                                      [--device cpu|cuda] [--old-ref REF] [--out benchmarks/results/train_memory.md]
+                                      [--device cpu|cuda] [--old-ref REF] [--repeats N]
+                                      [--out benchmarks/results/train_memory.md]
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ def main() -> int:
     ap.add_argument("--paths", default="chunked,chunked-keep-bias,eager", help=f"comma-separated: {', '.join(PATH_NAMES)}")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--old-ref", default=DEFAULT_OLD_REF, help="git ref of the chunked-keep-bias path")
+    ap.add_argument("--repeats", type=int, default=1, help="measure each row this often (median memory, best time)")
     ap.add_argument("--out", default=None, help="write the results table (markdown) here")
     args = ap.parse_args()
     lengths = [int(t) for t in args.lengths.split(",")]
@@ -147,12 +149,22 @@ def main() -> int:
     rows: dict[tuple[str, int], dict] = {}
     with tempfile.TemporaryDirectory(prefix="btlm-old-") as tmp:
         old_src = extract_ref(args.old_ref, Path(tmp)) if "chunked-keep-bias" in paths else None
-        for path in paths:
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for _ in range(args.repeats):  # paths interleaved, so a busy spell on the machine hits all of them
             for T in lengths:
-                t0 = time.perf_counter()
-                rows[path, T] = r = measure(T, path, args.device, old_src)
-                shown = r.get("error") or f"step {r['step'] / MIB:.0f} MiB, {r['seconds']:.1f} s"
-                print(f"{path:18s} T={T:6d}: {shown} ({time.perf_counter() - t0:.0f} s wall)", flush=True)
+                for path in paths:
+                    t0 = time.perf_counter()
+                    r = measure(T, path, args.device, old_src)
+                    runs.setdefault((path, T), []).append(r)
+                    shown = r.get("error") or f"step {r['step'] / MIB:.0f} MiB, {r['seconds']:.1f} s"
+                    print(f"{path:18s} T={T:6d}: {shown} ({time.perf_counter() - t0:.0f} s wall)", flush=True)
+        for key, results in runs.items():  # median memory, fastest time
+            ok = [r for r in results if "error" not in r]
+            if not ok:
+                rows[key] = results[-1]
+                continue
+            steps = sorted(r["step"] for r in ok)
+            rows[key] = dict(ok[0], step=steps[(len(steps) - 1) // 2], seconds=min(r["seconds"] for r in ok))
 
     first = lengths[0]
     lines = [
@@ -162,10 +174,13 @@ def main() -> int:
         "SwiGLU, ALiBi, vocabulary 8192) on one sequence of T tokens, fp32, each measurement in a fresh process. "
         + ("Step memory = peak RSS during the step − RSS before it (the peak is reset just before the step)."
            if args.device != "cuda" else "Step memory = `max_memory_allocated` during the step − allocated before it.")
-        + f" `chunked SDPA, bias kept for backward (before)` is the code at git ref `{args.old_ref}`.",
+        + f" `chunked SDPA, bias kept for backward (before)` is the code at git ref `{args.old_ref}`."
+        + (f" Each row was measured {args.repeats} times, paths interleaved: the median memory and the fastest "
+           "step are shown." if args.repeats > 1 else ""),
         "",
         f"Command: `python benchmarks/train_memory.py --lengths {args.lengths} --paths {','.join(paths)} "
-        f"--device {args.device}{' --old-ref ' + args.old_ref if args.old_ref != DEFAULT_OLD_REF else ''}`",
+        f"--device {args.device} --repeats {args.repeats}"
+        f"{' --old-ref ' + args.old_ref if args.old_ref != DEFAULT_OLD_REF else ''}`",
         "",
         f"Machine: {info}.",
         "",
