@@ -17,7 +17,7 @@ from btlm.errors import UsageError
 from btlm.io import ModelLoadError, load_model, parse_dtype, read_config, resolve_tokenizer, save_model
 from btlm.model import BTLMLMHeadModel, config_from_preset
 
-__all__ = ["ModelLoadError", "check_generation_args", "context_overrides", "generate_batch", "generate_text", "init_model_dir", "load_model",
+__all__ = ["ModelLoadError", "choose_device", "check_generation_args", "context_overrides", "generate_batch", "generate_text", "init_model_dir", "load_model",
            "parse_dtype", "read_prompts", "resolve_tokenizer", "save_model"]
 
 
@@ -36,6 +36,14 @@ def init_model_dir(preset: str, out_dir: str | os.PathLike, seed: int = 0, dtype
     if dtype not in (None, "auto"):
         model = model.to(dtype)
     return save_model(model, out_dir, overwrite=overwrite)
+
+
+def choose_device(path: str | os.PathLike, device: str | None = None) -> str:
+    """The device to run the model at ``path`` on (see :func:`btlm.io.resolve_device`): ``device`` if
+    given, else CUDA when available, else CPU; quantised models always CPU."""
+    from btlm.io import resolve_device
+
+    return str(resolve_device(device, path))
 
 
 def generate_text(model, tokenizer, prompt: str, stream: bool = False, **gen_kwargs) -> str:

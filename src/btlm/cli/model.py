@@ -75,7 +75,7 @@ def execute(name: str, args) -> int:
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     no_repeat_ngram_size=args.no_repeat_ngram_size)
     check_generation_args(**settings)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, args.model)
     import torch
 
     torch.manual_seed(args.seed)

@@ -462,6 +462,8 @@ class RunConfig(_Section):
     # --- btlm extensions (not in the Model Zoo schema) -----------------------------------------
     #: Data-parallel engine when distributed: DDP (replicated) or FSDP2 (``fully_shard``).
     distributed_strategy: Literal["ddp", "fsdp"] = "ddp"
+    #: How long a collective may wait (minutes), e.g. ranks at a barrier while rank 0 writes a checkpoint.
+    dist_timeout_minutes: PositiveFloat = 60.0
     #: Recompute each block's activations in backward (saves memory for long sequences).
     activation_checkpointing: bool = False
     #: Wrap the model in ``torch.compile`` (worth it on GPU; 0.96–1.03x on the 2-core CPU).
