@@ -342,6 +342,9 @@ class ModelConfig(_Section):
     embedding_initializer: InitializerConfig | None = None
     initializer: InitializerConfig | None = None
     output_layer_initializer: InitializerConfig | None = None
+    #: Model Zoo >= 2.3: FFN input / output initializers (default: ``initializer`` / ``output_layer_initializer``).
+    ffn_initializer: InitializerConfig | None = None
+    ffn_output_layer_initializer: InitializerConfig | None = None
     initializer_range: PositiveFloat = 0.02
     loss_scaling: Literal["batch_size", "num_tokens"] = "num_tokens"
     loss_weight: PositiveFloat = 1.0
@@ -351,6 +354,13 @@ class ModelConfig(_Section):
     output_logits_scale: PositiveFloat | None = None
     embeddings_scale: PositiveFloat = 1.0
     scale_qk_dot_by_d: bool = False
+    # muP as Model Zoo >= 2.3 spells it: widths of the tuned base model, from which the initializer
+    # scaling, the output-logit scale and the learning-rate groups follow (see :meth:`mup_base_form`).
+    mup_base_hidden_size: PositiveFloat | None = None
+    mup_base_filter_size: PositiveFloat | None = None
+    output_logits_alpha: PositiveFloat | None = None
+    scale_output_logits_by_d: bool = True
+    attention_logits_alpha: PositiveFloat = 1.0
     scale_qk_dot_by_layer_idx: bool = False
     pos_scaling_factor: Annotated[float, Field(ge=1.0)] = 1.0
     attention_softmax_fp32: bool = True
@@ -366,7 +376,38 @@ class ModelConfig(_Section):
             raise ValueError("use_position_embedding: False (no position information) is not supported")
         if self.pos_scaling_factor != 1.0 and self.position_embedding_type != "alibi":
             raise ValueError("pos_scaling_factor only applies to position_embedding_type: alibi")
+        if self.mup_base_hidden_size is not None and self.output_logits_scale is not None:
+            raise ValueError("give either output_logits_scale (Model Zoo 2.0-2.2 muP) or mup_base_hidden_size "
+                             "with output_logits_alpha (2.3+), not both: the logit scale would be ambiguous")
+        if self.output_logits_alpha is not None and self.mup_base_hidden_size is None:
+            raise ValueError("output_logits_alpha needs mup_base_hidden_size (it is the muP output multiplier)")
+        if self.attention_logits_alpha != 1.0:
+            raise ValueError("attention_logits_alpha other than 1.0 is not supported: the released BTLM layout "
+                             "has no attention-logit multiplier, so such a model could not be exported")
         return self
+
+    @property
+    def hidden_width_mult(self) -> float:
+        """``hidden_size / mup_base_hidden_size`` (1.0 without muP base sizes)."""
+        return self.hidden_size / self.mup_base_hidden_size if self.mup_base_hidden_size else 1.0
+
+    @property
+    def filter_width_mult(self) -> float:
+        """``filter_size / mup_base_filter_size`` (1.0 without it)."""
+        return self.filter_size / self.mup_base_filter_size if self.mup_base_filter_size else 1.0
+
+    def logits_scale(self) -> float | None:
+        """The factor applied to the LM-head output, or None for none.
+
+        2.0-2.2 spelling: ``output_logits_scale`` as given. 2.3+ spelling (Model Zoo's GPT-2 model):
+        ``output_logits_alpha / m`` with ``m = hidden_size / mup_base_hidden_size``, or ``/ √m`` when
+        ``scale_output_logits_by_d`` is False; alpha defaults to 1.0.
+        """
+        if self.mup_base_hidden_size is None:
+            return self.output_logits_scale
+        alpha = self.output_logits_alpha or 1.0
+        m = self.hidden_width_mult
+        return alpha / m if self.scale_output_logits_by_d else alpha / m**0.5
 
     @property
     def half_dtype(self) -> str:
@@ -470,6 +511,37 @@ class RunConfig(_Section):
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
 
+#: The learning-rate groups of muP training (Model Zoo >= 2.3 ``lr_adjustment_groups`` of the GPT-2
+#: model): attention q/k/v and output projections, FFN input projection(s), FFN output projection.
+DECODER_LR_GROUPS = ("decoder_attention", "decoder_input_ffn", "decoder_output_ffn")
+
+
+def lr_multipliers(model: ModelConfig | None, optimizer: OptimizerConfig) -> dict[str, float]:
+    """Learning-rate multiplier of each group: the three decoder groups and ``embedding``.
+
+    * 2.0-2.2 spelling: every decoder weight matrix gets ``adjust_learning_rate.decoder_kernel``.
+    * 2.3+ spelling (``mup_base_hidden_size`` / ``mup_base_filter_size``): attention and FFN input get
+      ``1 / (hidden_size / mup_base_hidden_size)``, the FFN output ``1 / (filter_size /
+      mup_base_filter_size)`` (Model Zoo computes them as these reciprocals; we do too, bit for bit).
+      An ``adjust_learning_rate.decoder_kernel`` given as well must agree with all three.
+    * ``embedding``: ``adjust_learning_rate.embedding`` (1.0 if absent) in both spellings.
+    """
+    adjust = optimizer.adjust_learning_rate or {}
+    kernel = adjust.get("decoder_kernel")
+    mults = dict.fromkeys(DECODER_LR_GROUPS, 1.0 if kernel is None else kernel)
+    if model is not None and model.mup_base_hidden_size:
+        mults["decoder_attention"] = mults["decoder_input_ffn"] = 1 / model.hidden_width_mult
+    if model is not None and model.mup_base_filter_size:
+        mults["decoder_output_ffn"] = 1 / model.filter_width_mult
+    if kernel is not None and model is not None and (model.mup_base_hidden_size or model.mup_base_filter_size):
+        for name, value in mults.items():
+            if not math.isclose(value, kernel, rel_tol=1e-9):
+                raise ValueError(f"optimizer.adjust_learning_rate.decoder_kernel {kernel} disagrees with the muP "
+                                 f"base sizes, which give {name} x{value}; drop decoder_kernel or fix the sizes")
+    mults["embedding"] = adjust.get("embedding", 1.0)
+    return mults
+
+
 class Params(_Section):
     """The whole params YAML."""
 
@@ -478,6 +550,12 @@ class Params(_Section):
     model: ModelConfig
     optimizer: OptimizerConfig | None = None
     runconfig: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _mup_consistent(self) -> Params:
+        if self.optimizer is not None:
+            lr_multipliers(self.model, self.optimizer)  # raises when the two muP spellings disagree
+        return self
 
 
 # --------------------------------------------------------------------------------------------------
