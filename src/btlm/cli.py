@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "passkey": ("btlm.eval.passkey", "passkey retrieval accuracy by context length and depth"),
     "quantize": ("btlm.quant.cli", "weight-only int4 / int8 quantisation for CPU inference"),
     "export-gguf": ("btlm.quant.gguf", "write a GGUF file llama.cpp loads through its JAIS architecture"),
+    "mup": ("btlm.train.mup_cli", "muP checks: coordinate check and learning-rate transfer sweep across widths"),
 }
 
 
