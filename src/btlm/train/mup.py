@@ -225,40 +225,54 @@ def layer_order(n_layer: int) -> list[str]:
 
 
 def coord_check(params: Params, widths: list[int], steps: int = 5, batch_size: int = 4, seq_len: int = 64,
-                lr: float | None = None, seed: int = 1, data: str = "auto",
+                lr: float | None = None, seed: int = 1, data: str = "auto", seeds: int = 1,
                 variants: dict[str, VariantFn] | None = None, log=print) -> list[dict]:
     """Rows ``{variant, width, step, layer, rms}``: the RMS of every layer's output at steps 1..``steps``
     (the forward pass before the step-th update; step 1 is the initialisation).
 
     ``lr`` defaults to the schedule's peak; ``variants`` defaults to muP and SP from the params (tests
-    pass a deliberately broken one). Every width and variant sees the same batches.
+    pass a deliberately broken one). Every width and variant sees the same batches. With ``seeds`` > 1
+    each point is the mean RMS over that many initialisations (seed, seed+1, …), as microsoft/mup's
+    ``nseeds``: it smooths the small widths' noise.
     """
     lr = peak_learning_rate(params) if lr is None else lr
     variants = variants or variants_from_params(params, lr)
     it, desc = batches(params, batch_size, seq_len, seed, data)
     data_batches = fixed_batches(it, steps)
-    log(f"coord-check: widths {widths}, {steps} steps at lr {lr:g}, data: {desc}")
+    log(f"coord-check: widths {widths}, {steps} steps at lr {lr:g}, {seeds} seed(s), data: {desc}")
     rows = []
     for name, build in variants.items():
         for width in widths:
-            model, optimizer, cfg = build(width, seed)
-            record: dict[str, float] = {}
-            handles = _attach_hooks(model, record)
-            model.train()
-            for step, batch in enumerate(data_batches, start=1):
-                logits = model(input_ids=batch["input_ids"].long(), use_cache=False).logits
-                record["logits"] = _rms(logits)
-                loss = lm_loss(logits, batch["labels"], batch["attention_mask"], cfg)
-                if not math.isfinite(loss.item()):
-                    raise MupError(f"{name} width {width}: loss is {loss.item()} at step {step} (lr too high?)")
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                rows += [dict(variant=name, width=width, step=step, layer=layer, rms=record[layer])
-                         for layer in layer_order(cfg.num_hidden_layers)]
-            for h in handles:
-                h.remove()
-            log(f"  {name} width {width}: final loss {loss.item():.4f}")
+            sums: dict[tuple[int, str], float] = {}
+            for s in range(seeds):
+                for row in _coord_run(build, name, width, seed + s, data_batches, log):
+                    key = (row["step"], row["layer"])
+                    sums[key] = sums.get(key, 0.0) + row["rms"] / seeds
+            rows += [dict(variant=name, width=width, step=st, layer=layer, rms=v) for (st, layer), v in sums.items()]
+    return rows
+
+
+def _coord_run(build: VariantFn, name: str, width: int, seed: int, data_batches: list[dict], log) -> list[dict]:
+    """One model of one variant and width through the batches; its per-step, per-layer RMS rows."""
+    rows = []
+    model, optimizer, cfg = build(width, seed)
+    record: dict[str, float] = {}
+    handles = _attach_hooks(model, record)
+    model.train()
+    for step, batch in enumerate(data_batches, start=1):
+        logits = model(input_ids=batch["input_ids"].long(), use_cache=False).logits
+        record["logits"] = _rms(logits)
+        loss = lm_loss(logits, batch["labels"], batch["attention_mask"], cfg)
+        if not math.isfinite(loss.item()):
+            raise MupError(f"{name} width {width}: loss is {loss.item()} at step {step} (lr too high?)")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        rows += [dict(variant=name, width=width, step=step, layer=layer, rms=record[layer])
+                 for layer in layer_order(cfg.num_hidden_layers)]
+    for h in handles:
+        h.remove()
+    log(f"  {name} width {width} seed {seed}: final loss {loss.item():.4f}")
     return rows
 
 

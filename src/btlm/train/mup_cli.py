@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--widths", type=_ints, default=[64, 128, 256, 512])
     cc.add_argument("--steps", type=int, default=5)
     cc.add_argument("--lr", type=float, default=None, help="constant LR (default: the schedule's peak)")
+    cc.add_argument("--seeds", type=int, default=1, help="average each point over this many initialisations")
     sw = sub.add_parser("sweep", parents=[common], help="training loss vs learning rate per width")
     sw.add_argument("--widths", type=_ints, required=True)
     sw.add_argument("--lrs", type=_floats, required=True)
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "coord-check":
             rows = mup.coord_check(params, args.widths, steps=args.steps, batch_size=args.batch_size or 4,
-                                   seq_len=args.seq_len, lr=args.lr, seed=args.seed, data=args.data)
+                                   seq_len=args.seq_len, lr=args.lr, seed=args.seed, data=args.data,
+                                   seeds=args.seeds)
             print(f"wrote {mup.write_csv(rows, out / 'coord_check.csv')}")
             print(f"wrote {mup.plot_coord_check(rows, out / 'coord_check.png')}")
             entries = mup.verdict(rows)
