@@ -192,3 +192,29 @@ def test_sweep_reports_an_optimum_per_width_and_a_huge_lr_never_wins(tiny_raw, t
     # The learnable pattern in the data is learnt: loss at lr 1e-2 is below the uniform log(97).
     assert all(r["loss"] < math.log(97) for r in rows if r["lr"] == 1e-2)
     assert mup.plot_sweep(rows, tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_model_zoo_2x_trainer_yaml_is_the_same_run_as_the_2_0_params(tmp_path):
+    from btlm.train.config import load_params, lr_multipliers
+    from btlm.train.modeling import effective_initializers
+
+    new, _ = load_params(Path(__file__).parent / "data" / "trainer_btlm_2p7b_8k.yaml")
+    old, _ = load_params(CONFIGS / "params_btlm_2p7b_8k.yaml")
+    assert new.model.logits_scale() == old.model.logits_scale() == 0.22200000000000003
+    assert lr_multipliers(new.model, new.optimizer) == lr_multipliers(old.model, old.optimizer)
+    inits_new, inits_old = effective_initializers(new.model), effective_initializers(old.model)
+    for kind, init in inits_old.items():
+        assert inits_new[kind].std == pytest.approx(init.std, rel=1e-12), kind
+        assert inits_new[kind].bounds() == pytest.approx(init.bounds(), rel=1e-12), kind
+    sched_new, sched_old = new.optimizer.schedule(), old.optimizer.schedule()
+    assert [sched_new(t) for t in (0, 50, 95, 10_000, 159_635)] == [sched_old(t) for t in (0, 50, 95, 10_000, 159_635)]
+    for section in ("train_input", "eval_input"):
+        assert getattr(new, section).data_dir == getattr(old, section).data_dir
+    assert (new.runconfig.max_steps, new.runconfig.checkpoint_steps, new.runconfig.eval_steps, new.runconfig.seed) == (
+        old.runconfig.max_steps, old.runconfig.checkpoint_steps, old.runconfig.eval_steps, old.runconfig.seed)
+    assert (new.optimizer.max_gradient_norm, new.model.mixed_precision, new.model.half_dtype) == (1.0, True, "bfloat16")
+    # Keys btlm cannot honour are refused with one line naming them.
+    text = (Path(__file__).parent / "data" / "trainer_btlm_2p7b_8k.yaml").read_text()
+    (tmp_path / "bad.yaml").write_text(text.replace("- ComputeNorm: {}", "- SomethingElse: {}"))
+    with pytest.raises(ConfigError, match=r"bad.yaml: trainer.init.callbacks\[2\]: callback 'SomethingElse'"):
+        load_params(tmp_path / "bad.yaml")
