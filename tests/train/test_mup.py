@@ -213,6 +213,14 @@ def test_model_zoo_2x_trainer_yaml_is_the_same_run_as_the_2_0_params(tmp_path):
     assert (new.runconfig.max_steps, new.runconfig.checkpoint_steps, new.runconfig.eval_steps, new.runconfig.seed) == (
         old.runconfig.max_steps, old.runconfig.checkpoint_steps, old.runconfig.eval_steps, old.runconfig.seed)
     assert (new.optimizer.max_gradient_norm, new.model.mixed_precision, new.model.half_dtype) == (1.0, True, "bfloat16")
+    # btlm run's CLI overrides merge into the mapped sections.
+    from argparse import Namespace
+
+    from btlm.run import merge_cli
+
+    _, raw = load_params(Path(__file__).parent / "data" / "trainer_btlm_2p7b_8k.yaml")
+    merged = parse_params(merge_cli(raw, Namespace(max_steps=7, mode="train")))
+    assert (merged.runconfig.max_steps, merged.runconfig.eval_frequency) == (7, 200)
     # Keys btlm cannot honour are refused with one line naming them.
     text = (Path(__file__).parent / "data" / "trainer_btlm_2p7b_8k.yaml").read_text()
     (tmp_path / "bad.yaml").write_text(text.replace("- ComputeNorm: {}", "- SomethingElse: {}"))

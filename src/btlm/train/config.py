@@ -757,7 +757,8 @@ def parse_params(raw: dict, source: str = "<params>") -> Params:
 
 
 def load_params(path: str | Path) -> tuple[Params, dict]:
-    """Read and validate a params YAML; returns the validated object and the raw dict."""
+    """Read and validate a params YAML; returns the validated object and the raw dict (for a 2.x
+    ``trainer:`` YAML: its mapping to the 2.0-2.1 sections)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -767,4 +768,10 @@ def load_params(path: str | Path) -> tuple[Params, dict]:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if isinstance(raw, dict) and "trainer" in raw:
+        # The raw dict handed on (CLI overrides, the run's params copy, checkpoints) is the mapped one.
+        try:
+            raw = trainer_to_params(raw)
+        except ValueError as err:
+            raise ConfigError(f"{path}: {err}") from None
     return parse_params(raw, str(path)), raw
