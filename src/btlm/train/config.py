@@ -613,7 +613,8 @@ def report_extra_keys(params: Params, log: logging.Logger = logger) -> tuple[lis
 _PRECISION_KEYS = {
     "enabled": ("model", "mixed_precision"), "fp16_type": ("model", "fp16_type"),
     "precision_opt_level": ("runconfig", "precision_opt_level"),
-    "loss_scaling_factor": ("optimizer", "loss_scaling_factor"), "initial_loss_scale": ("optimizer", "initial_loss_scale"),
+    "loss_scaling_factor": ("optimizer", "loss_scaling_factor"),
+    "initial_loss_scale": ("optimizer", "initial_loss_scale"),
     "steps_per_increase": ("optimizer", "steps_per_increase"), "min_loss_scale": ("optimizer", "min_loss_scale"),
     "max_loss_scale": ("optimizer", "max_loss_scale"), "max_gradient_norm": ("optimizer", "max_gradient_norm"),
     "max_gradient_value": ("optimizer", "max_gradient_value"), "log_loss_scale": None,
@@ -677,7 +678,8 @@ def trainer_to_params(raw: dict, log: logging.Logger = logger) -> dict:
     model = dict(init.pop("model", None) or {})
     name = model.pop("name", "gpt2")
     if str(name).lower() not in _MODEL_NAMES:
-        raise ValueError(f"trainer.init.model.name: {name!r} is not supported (btlm reads the {sorted(_MODEL_NAMES)} family)")
+        raise ValueError(f"trainer.init.model.name: {name!r} is not supported "
+                         f"(btlm reads the {sorted(_MODEL_NAMES)} family)")
     out["model"] = model
     if "optimizer" in init:
         opt_name, opt = _one_entry(init.pop("optimizer"), "trainer.init.optimizer")

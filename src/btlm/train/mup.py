@@ -357,7 +357,8 @@ def plot_coord_check(rows: list[dict], path: str | Path) -> Path:
         for j, s in enumerate(steps):
             ax = axes[i][j]
             for k, layer in enumerate(layers):
-                pts = sorted((r["width"], r["rms"]) for r in rows if (r["variant"], r["step"], r["layer"]) == (v, s, layer))
+                pts = sorted((r["width"], r["rms"]) for r in rows
+                             if (r["variant"], r["step"], r["layer"]) == (v, s, layer))
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", lw=1,
                         color=cmap(k / max(1, len(layers) - 1)), label=layer)
             ax.set_xscale("log", base=2)
