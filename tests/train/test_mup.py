@@ -179,6 +179,13 @@ def test_base_form_of_an_old_spelling_reproduces_the_model_at_its_own_width(tiny
     for k, v in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[k], v, rtol=1e-6, atol=0)  # stds round-trip within float error
     assert again.model.logits_scale() == pytest.approx(params.model.output_logits_scale)
+    # A 2.3+ params file with a (consistent) decoder_kernel: at another width the base sizes rule.
+    _, new = _spellings(tiny_raw)
+    new["optimizer"]["adjust_learning_rate"] = {"decoder_kernel": 0.25, "embedding": 0.5}
+    _, optimizer, cfg = mup.variants_from_params(parse_params(new), lr=0.01)["muP"](128, 0)
+    assert (cfg.hidden_size, cfg.filter_size) == (128, 256)
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == pytest.approx(
+        {"decoder_kernel": 0.01 / 8, "embedding": 0.005, "no_decay": 0.01})
 
 
 def test_sweep_reports_an_optimum_per_width_and_a_huge_lr_never_wins(tiny_raw, tmp_path):

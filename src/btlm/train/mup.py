@@ -67,6 +67,10 @@ def mup_base_form(params: Params) -> tuple[dict, dict]:
         raise MupError("the params have no optimizer section (needed for the learning-rate groups)")
     section = model.model_dump(exclude_none=True)
     optimizer = opt.model_dump(exclude_none=True)
+    # The base sizes alone set the decoder multipliers at every width; a decoder_kernel only held for
+    # the params' own width (``embedding`` stays: it does not depend on the width).
+    adjust = {k: v for k, v in (opt.adjust_learning_rate or {}).items() if k != "decoder_kernel"}
+    optimizer["adjust_learning_rate"] = adjust or None
     if model.mup_base_hidden_size is not None:
         return section, optimizer
     if model.output_logits_scale is None:
@@ -86,8 +90,6 @@ def mup_base_form(params: Params) -> tuple[dict, dict]:
         ffn_output_layer_initializer=_scaled(inits["ffn_output"], m**0.5 * depth).model_dump(),
     )
     section.pop("output_logits_scale")
-    adjust = {k_: v for k_, v in (opt.adjust_learning_rate or {}).items() if k_ != "decoder_kernel"}
-    optimizer["adjust_learning_rate"] = adjust or None
     return section, optimizer
 
 
