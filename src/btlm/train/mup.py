@@ -316,6 +316,7 @@ def _atomic_path(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the results unreadable to others
     return Path(tmp)
 
 
@@ -438,7 +439,10 @@ def plot_sweep(rows: list[dict], path: str | Path) -> Path:
                 y = min(p[1] for p in pts if p[0] == best[(v, w)])
                 ax.plot([best[(v, w)]], [y], marker="*", ms=10, color=color)
         ax.set_xscale("log")
-        ax.set_title(f"{v}: training loss vs learning rate", fontsize=10)
+        lrs = sorted({r["lr"] for r in rows})
+        ax.set_xticks(lrs, [f"{x:g}" for x in lrs])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(f"{v}: training loss vs learning rate (* = best)", fontsize=10)
         ax.set_xlabel("learning rate")
         ax.set_ylabel("training loss")
         ax.legend(fontsize=7)
