@@ -91,7 +91,7 @@ def _apply_initializer(tensor: torch.Tensor, init: InitializerConfig) -> None:
             nn.init.constant_(tensor, init.val)
 
 
-def _scaled(init: InitializerConfig, factor: float) -> InitializerConfig:
+def scale_initializer(init: InitializerConfig, factor: float) -> InitializerConfig:
     """Model Zoo's ``scale_initializers_by_dimension``: std and the truncation bounds × factor."""
     if init.name not in ("normal", "truncated_normal"):
         return init
@@ -123,10 +123,10 @@ def effective_initializers(cfg: ModelConfig) -> dict[str, InitializerConfig]:
     depth = (2 * cfg.num_hidden_layers) ** -0.5
     if mup:
         m = cfg.hidden_width_mult
-        attention, ffn = _scaled(attention, m**-0.5), _scaled(ffn, m**-0.5)
-        output = _scaled(output, m**-0.5 * depth)
+        attention, ffn = scale_initializer(attention, m**-0.5), scale_initializer(ffn, m**-0.5)
+        output = scale_initializer(output, m**-0.5 * depth)
     if cfg.mup_base_filter_size is not None:
-        ffn_output = _scaled(ffn_output, cfg.filter_width_mult**-0.5 * depth)
+        ffn_output = scale_initializer(ffn_output, cfg.filter_width_mult**-0.5 * depth)
     return {"embedding": cfg.embedding_initializer or default, "attention": attention,
             "attention_output": output, "ffn": ffn, "ffn_output": ffn_output}
 

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig, OptimizerConfig, Params, lr_multipliers
-from .modeling import _scaled, build_model, effective_initializers, lm_loss
+from .modeling import build_model, effective_initializers, lm_loss, scale_initializer
 from .optim import build_optimizer
 
 #: Slope of log RMS vs log width above which a layer is reported as growing.
@@ -84,10 +84,10 @@ def mup_base_form(params: Params) -> tuple[dict, dict]:
         mup_base_filter_size=model.filter_size * k,
         output_logits_alpha=model.output_logits_scale * m,
         scale_output_logits_by_d=True,
-        initializer=_scaled(inits["attention"], m**0.5).model_dump(),
-        ffn_initializer=_scaled(inits["ffn"], m**0.5).model_dump(),
-        output_layer_initializer=_scaled(inits["attention_output"], m**0.5 * depth).model_dump(),
-        ffn_output_layer_initializer=_scaled(inits["ffn_output"], m**0.5 * depth).model_dump(),
+        initializer=scale_initializer(inits["attention"], m**0.5).model_dump(),
+        ffn_initializer=scale_initializer(inits["ffn"], m**0.5).model_dump(),
+        output_layer_initializer=scale_initializer(inits["attention_output"], m**0.5 * depth).model_dump(),
+        ffn_output_layer_initializer=scale_initializer(inits["ffn_output"], m**0.5 * depth).model_dump(),
     )
     section.pop("output_logits_scale")
     return section, optimizer
