@@ -342,7 +342,7 @@ class Runner:
         loader = make_dataloader(p.train_input, env)  # before the model: bad data fails before any compute
         self._check_data(loader, p.train_input)
         model = self._build_model()
-        optimizer = build_optimizer(D.unwrap(model), p.optimizer)
+        optimizer = build_optimizer(D.unwrap(model), p.optimizer, p.model)
         scheduler = ScheduledLR(optimizer, p.optimizer.schedule())
         scaler = None
         if self.autocast_dtype == torch.float16:
@@ -355,7 +355,7 @@ class Runner:
             logger.info("Loading checkpoint %s (states: %s)", last_ckpt, ", ".join(sorted(states)))
             state = self._read_checkpoint(last_ckpt, model, optimizer if "optimizer" in states else None)
             if "optimizer" not in states:  # weights only: fresh optimizer state
-                optimizer = build_optimizer(D.unwrap(model), p.optimizer)
+                optimizer = build_optimizer(D.unwrap(model), p.optimizer, p.model)
                 scheduler = ScheduledLR(optimizer, p.optimizer.schedule())
             if "global_step" in states:
                 global_step = int(state.get("global_step", 0))
