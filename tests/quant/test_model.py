@@ -72,7 +72,7 @@ def test_save_load_round_trip(model, ids, tmp_path):
     save_quantized(q, tmp_path / "q")
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization_config"] == dict(quant_method="btlm_woq", bits=4, group_size=32,
-                                                 embedding_bits=8, format_version=1)
+                                                 embedding_bits=8, format_version=2)
     from safetensors import safe_open
 
     with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:

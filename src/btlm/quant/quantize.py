@@ -82,13 +82,22 @@ def replace_with_empty_quantized(model: nn.Module, config: BTLMQuantConfig) -> N
         )
 
 
-def prepare_for_inference(model: nn.Module) -> nn.Module:
-    """Convert int4 weights to the kernel layout now rather than on the first forward."""
-    for _, module in block_linears(model):
-        if isinstance(module, Int4Conv1D):
-            module.prepare_kernel()
-    return model
+def prepare_for_inference(model: nn.Module, checkpoint_files=None) -> nn.Module:
+    """Make every quantised module kernel-ready now, layer by layer, rather than on the first forward:
+    int4 weights packed for this CPU's kernel, every kernel operand 64-byte aligned.
 
+    With ``checkpoint_files`` (the safetensors files the model was just loaded from) each tensor a kernel
+    needs is read from its file with ``pread`` instead of through the memory-mapped view, so packing the
+    3B model costs one layer's worth of transient memory and the mapped pages of the stored int4 codes are
+    never read (see docs/quant.md, "Memory").
+    """
+    from .checkpoint import TensorReader
+
+    with TensorReader(checkpoint_files or []) as reader:
+        for name, module in model.named_modules():
+            if hasattr(module, "prepare_kernel") and isinstance(module, (Int4Conv1D, Int8Conv1D, Int8Embedding)):
+                module.prepare_kernel(reader.for_module(name) if reader else None)
+    return model
 
 
 def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
