@@ -161,7 +161,8 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--no-repeat-ngram-size", type=int, default=0)
     p.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES),
-                   help="compute dtype (fp32 default: bf16 matmuls are slow on CPUs without AVX512-BF16)")
+                   help="compute dtype (fp32 default: bf16 matmuls are slow on CPUs without AVX512-BF16; auto: on CPU "
+                        "bf16 where this CPU has native bf16 and measures it faster, else fp32; on GPU the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-stream", action="store_true", help="print the whole text at the end instead of streaming")
@@ -180,7 +181,14 @@ def main(argv: list[str] | None = None) -> int:
         args = _generate_parser().parse_args(rest)
         torch.manual_seed(args.seed)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_model(args.model, dtype=args.dtype, device=device)
+        dtype = args.dtype
+        if dtype == "auto" and torch.device(device).type == "cpu":  # bf16 only where this CPU runs it faster
+            from btlm.precision import choose_cpu_dtype
+
+            choice = choose_cpu_dtype()
+            print(f"--dtype auto: {choice}", file=sys.stderr)
+            dtype = choice.dtype
+        model = load_model(args.model, dtype=dtype, device=device)
         tokenizer = load_tokenizer(args.model) if Path(args.model, "tokenizer_config.json").is_file() else load_tokenizer()
         stream = not args.no_stream and args.num_beams == 1
         text = generate_text(
