@@ -34,6 +34,9 @@ ROWS = {
     "int8": ("int8", "sdpa", "int8 weight-only (btlm quantize --bits 8)"),
     "int4": ("int4", "sdpa", "int4 g128 weight-only (btlm quantize --bits 4)"),
     "llamacpp": ("fp32", "llama.cpp", "llama.cpp Q4_0, JAIS architecture (btlm export-gguf --outtype q4_0; peer)"),
+    # the same int4 model through generate(), timed as generate(1 + n tokens) − generate(1 token)
+    "int4-generate": ("int4", "generate", "int4 g128, `generate()` with transformers' DynamicCache"),
+    "int4-static": ("int4", "generate-static", "int4 g128, `generate(cache_implementation=\"static\")`"),
 }
 
 
@@ -124,6 +127,8 @@ def child(path: str, variant: str, attn: str, prompt_len: int, new_tokens: int, 
 
     if attn == "llama.cpp":
         return llamacpp_child(path, prompt_len, new_tokens)
+    if attn.startswith("generate"):
+        return generate_child(path, variant, "static" if attn == "generate-static" else None, prompt_len, new_tokens)
 
     from btlm.quant.benchutil import load_for_benchmark, weight_bytes
     from btlm.quant.kernels import cpu_capability
@@ -147,6 +152,33 @@ def child(path: str, variant: str, attn: str, prompt_len: int, new_tokens: int, 
     print(json.dumps(dict(prefill_tok_s=prompt_len / prefill_s, decode_tok_s=new_tokens / decode_s,
                           linears_tok_s=1 / linears_s, capability=cpu_capability(), profile=breakdown,
                           weight_bytes=weight_bytes(model), threads=torch.get_num_threads())))
+
+
+def generate_child(path: str, variant: str, cache: str | None, prompt_len: int, new_tokens: int) -> None:
+    """Prefill and per-token decode time through ``model.generate`` (greedy) with ``cache_implementation=cache``:
+    decode = (generate(1 + n new tokens) − generate(1 new token)) / n, each the best of two."""
+    import torch
+
+    from btlm.quant.benchutil import load_for_benchmark, weight_bytes
+    from btlm.quant.kernels import cpu_capability
+
+    model = load_for_benchmark(path, variant)
+    prompt = torch.randint(0, 50000, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    kw = dict(do_sample=False, cache_implementation=cache) if cache else dict(do_sample=False)
+
+    def seconds(ids, n: int) -> float:
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        assert out.shape[1] == ids.shape[1] + n
+        return time.perf_counter() - t0
+
+    with torch.no_grad():
+        seconds(prompt[:, :8], 2)  # warm-up
+        one = min(seconds(prompt, 1) for _ in range(2))
+        total = min(seconds(prompt, 1 + new_tokens) for _ in range(2))
+    print(json.dumps(dict(prefill_tok_s=prompt_len / one, decode_tok_s=new_tokens / (total - one), linears_tok_s=None,
+                          capability=cpu_capability(), profile=None, weight_bytes=weight_bytes(model),
+                          threads=torch.get_num_threads())))
 
 
 def ensure_gguf(fp32_dir: Path, preset: str) -> Path | None:
@@ -179,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                         "3B prefill would take ~30 minutes)")
     p.add_argument("--capabilities", default="",
                    help="comma list of ATEN_CPU_CAPABILITY values (default,avx2,avx512) to run the int4/int8 rows under, "
-                        "one row each (default: only the CPU's own)")
+                        "one row each (default: only the CPU's own; the generate rows always run at the CPU's own)")
     p.add_argument("--profile", type=int, default=8,
                    help="decode steps profiled per int4 row for the 'where the time goes' table (0: none)")
     from btlm.quant.benchutil import add_checkpoint_arguments
@@ -202,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     capabilities = [c for c in args.capabilities.split(",") if c]
     for r in rows:
         variant, attn, label = ROWS[r]
-        for cap in (capabilities or [None]) if variant in ("int4", "int8") else [None]:
+        for cap in (capabilities or [None]) if variant in ("int4", "int8") and attn == "sdpa" else [None]:
             print(f"measuring {r}{' under ' + cap if cap else ''} …", file=sys.stderr, flush=True)
             steps = args.bf16_new_tokens if variant == "bf16" else args.new_tokens
             prompt_len = args.bf16_prompt_len if variant == "bf16" else args.prompt_len
@@ -268,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                       "the bandwidth above is this invocation's."]
     if not any(res["row"] == "llamacpp" for res in results):
         lines += ["", "llama.cpp: not installed on this machine (`pip install llama-cpp-python` enables the `llamacpp` row); "
-                      "machine_facts.md reports Q4_0 with the FFN padded to 6912 at 8.8 tok/s prefill / 5.4 tok/s decode "
-                      "on the same 2-core CPU (not measured in this run)."]
+                      "an earlier run on a 2-core AVX2 machine measured Q4_0 (FFN padded to 6912) at 5.84 tok/s decode "
+                      "against 2.50 for int4 there (0.43×); not measured in this run, so no ratio on this machine."]
     lines += [
               "", f"Command: `{'OMP_WAIT_POLICY=' + policy + ' ' if policy else ''}python benchmarks/decode.py "
                   f"--preset {args.preset} --variants {args.variants} --prompt-len {args.prompt_len} "
