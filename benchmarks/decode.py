@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in res:
                 print(f"error: {r}: {res['error']}", file=sys.stderr)
                 return 1
-            res.update(row=r, label=label, steps=steps, prompt_len=prompt_len)
+            res.update(row=r, label=label, steps=steps, prompt_len=prompt_len, bandwidth=bandwidth)
             cached.write_text(json.dumps(res))
             results.append(res)
             print(json.dumps(res), file=sys.stderr)
@@ -267,8 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Prompt {args.prompt_len} tokens (prefill, one forward; bf16: {args.bf16_prompt_len}), then {args.new_tokens} "
         f"greedy decode steps (bf16: {args.bf16_new_tokens}) with the "
         "KV cache; random weights of the released shape, loaded with `from_pretrained` in a fresh process each. "
-        f"Roofline = measured memory-read bandwidth ({bandwidth:.1f} GB/s before the runs, {bandwidth_after:.1f} "
-        "GB/s after) / bytes of weights read per decoded token.",
+        f"Roofline = measured memory-read bandwidth / bytes of weights read per decoded token; the bandwidth is the "
+        f"one measured by the invocation that measured the row ({bandwidth:.1f} GB/s before this invocation's runs, "
+        f"{bandwidth_after:.1f} GB/s after"
+        + (", " + ", ".join(sorted({f"{res['bandwidth']:.1f} GB/s" for res in results if res.get("reused") and "bandwidth" in res}))
+           + " for the reused rows" if any(res.get("reused") for res in results) else "") + ").",
         "",
         f"Machine: {machine_description()}.",
         "",
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
-        res["roofline"] = bandwidth * 1e9 / res["weight_bytes"]
+        res["roofline"] = res.get("bandwidth", bandwidth) * 1e9 / res["weight_bytes"]
         lines.append(f"| {res['label']} | {res.get('capability', 'not recorded')} | {res['weight_bytes'] / 1e9:.2f} GB | {res['prefill_tok_s']:.2f} ({res.get('prompt_len', args.prompt_len)}) | "
                      f"{res['decode_tok_s']:.2f} ({res['steps']}) | {res['roofline']:.2f} | {res['decode_tok_s'] / res['roofline']:.0%} | "
                      + (f"{res['linears_tok_s']:.2f} | {res['decode_tok_s'] / res['linears_tok_s']:.0%} |"

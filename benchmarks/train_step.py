@@ -115,6 +115,7 @@ def main() -> None:
 
         choice = choose_cpu_dtype()
         emit(f"`btlm run CPU` with mixed_precision: true chooses **{choice.name}** here: {choice.reason}.")
+        emit()
     if args.dtypes == "auto":
         names = ["bf16"] if device.type == "cuda" else ["fp32"] + (["bf16"] if choice.measured else [])
     else:
