@@ -111,7 +111,7 @@ def available(kind: str) -> bool:
             _available[kind] = False
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             logger.warning("btlm: PyTorch's %s weight-only kernel is not usable on this CPU (capability %s: %s); "
-                           "%s layers dequantise and use a dense matmul instead (same results, slower)",
+                           "%s layers dequantise and use a dense matmul instead (same weights, slower)",
                            kind, cpu_capability(), reason[:200], kind)
     return _available[kind]
 

@@ -95,7 +95,7 @@ def prepare_for_inference(model: nn.Module, checkpoint_files=None) -> nn.Module:
 
     with TensorReader(checkpoint_files or []) as reader:
         for name, module in model.named_modules():
-            if hasattr(module, "prepare_kernel") and isinstance(module, (Int4Conv1D, Int8Conv1D, Int8Embedding)):
+            if isinstance(module, (Int4Conv1D, Int8Conv1D, Int8Embedding)):
                 module.prepare_kernel(reader.for_module(name) if reader else None)
     return model
 
