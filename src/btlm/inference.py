@@ -58,6 +58,8 @@ def generate_text(model, tokenizer, prompt: str, stream: bool = False, **gen_kwa
     if gen_kwargs.get("num_beams", 1) > 1:
         streamer = None  # beam search has no single stream to print
     gen_kwargs.setdefault("pad_token_id", tokenizer.eos_token_id)
+    if model.device.type == "cpu":  # pre-allocated K/V: no torch.cat of the whole cache per token (docs/quant.md)
+        gen_kwargs.setdefault("cache_implementation", "static")
     output = model.generate(**inputs, streamer=streamer, **gen_kwargs)
     return tokenizer.decode(output[0], skip_special_tokens=True)
 

@@ -73,7 +73,7 @@ def test_save_load_round_trip(model, ids, tmp_path):
     save_quantized(q, tmp_path / "q")
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization_config"] == dict(quant_method="btlm_woq", bits=4, group_size=32,
-                                                 embedding_bits=8, format_version=1)
+                                                 embedding_bits=8, format_version=2)
     from safetensors import safe_open
 
     with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
@@ -158,3 +158,25 @@ def test_quantised_models_default_to_cpu_on_a_gpu_machine(int4_dir, model, tmp_p
     assert btlm_main(["generate", "--model", str(int4_dir), "--prompt", "hi", "--device", "cuda"]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "int4 quantised model, which runs on CPU only" in err and devices == ["cpu", "cpu"]
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_text_uses_a_static_cache_on_cpu_with_the_same_output(model, tokenizer, num_beams):
+    """`btlm generate` decodes over a pre-allocated cache on CPU (measured faster for int4: no per-token
+    torch.cat of the whole cache); the text is the one the dynamic cache gives."""
+    from btlm.inference import generate_text
+
+    big = make_model(vocab_size=50257)
+    q = quantize_model(copy.deepcopy(big), bits=4, group_size=32, progress=False)
+    seen = []
+    original = q.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("cache_implementation"))
+        return original(*args, **kwargs)
+
+    q.generate = spy
+    kw = dict(max_new_tokens=6, do_sample=False, num_beams=num_beams)
+    static = generate_text(q, tokenizer, "Hello world", **kw)
+    dynamic = generate_text(q, tokenizer, "Hello world", cache_implementation="dynamic", **kw)
+    assert seen == ["static", "dynamic"] and static == dynamic and len(static) > len("Hello world")

@@ -155,10 +155,12 @@ class Runner:
         m = self.params.model
         if not m.mixed_precision:
             return None
-        if self.env.device.type == "cpu":
-            logger.info("mixed_precision ignored on CPU: training in fp32 (bf16 matmuls are 6-30x slower on "
-                        "CPUs without AVX512-BF16/AMX)")
-            return None
+        if self.env.device.type == "cpu":  # bf16 only where this CPU runs it faster (btlm.precision)
+            from btlm.precision import choose_cpu_dtype
+
+            choice = choose_cpu_dtype()
+            logger.info("mixed_precision on CPU: %s autocast, %s", choice.name, choice.reason)
+            return torch.bfloat16 if choice.dtype == torch.bfloat16 else None
         if m.fp16_type == "cbfloat16":
             logger.warning("fp16_type cbfloat16 is a Cerebras format; using bfloat16")
         return {"bfloat16": torch.bfloat16, "float16": torch.float16}[m.half_dtype]
