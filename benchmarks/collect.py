@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 #: pipeline order; any other result file follows in name order
-ORDER = ["attention", "train_step", "data_prep", "memory", "decode", "quant_quality", "long_context"]
+ORDER = ["attention", "train_step", "train_memory", "data_prep", "memory", "decode", "quant_quality", "long_context"]
 
 HEADER = """# Benchmarks
 

@@ -40,6 +40,7 @@ def child(path: str, variant: str, new_tokens: int) -> None:
 
     import btlm  # noqa: F401
     from btlm.quant.benchutil import load_for_benchmark
+    from btlm.quant.kernels import cpu_capability
 
     runtime = peak_rss()
     t0 = time.perf_counter()
@@ -54,7 +55,7 @@ def child(path: str, variant: str, new_tokens: int) -> None:
     assert out.shape[1] == 16 + new_tokens
     peak = peak_rss()
     print(json.dumps(dict(variant=variant, runtime=runtime, after_load=after_load, peak=peak, load_s=load_s,
-                          gen_s=gen_s, new_tokens=new_tokens)))
+                          gen_s=gen_s, new_tokens=new_tokens, capability=cpu_capability())))
 
 
 def _env_prefix() -> str:
@@ -100,12 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16-new-tokens", type=int, default=8,
                    help="tokens generated for bf16 (default 8): bf16 Conv1D matmuls run at ~0.05 tok/s on AVX2, "
                         "and the 120 tokens left out add only ~40 MB of KV cache")
+    p.add_argument("--capability", default=None,
+                   help="run each measurement under ATEN_CPU_CAPABILITY=this (default, avx2, avx512; default: the CPU's)")
     from btlm.quant.benchutil import add_checkpoint_arguments
 
     add_checkpoint_arguments(p, Path(__file__).parent / "results" / "memory.md")
     args = p.parse_args(argv)
 
-    from btlm.quant.benchutil import DEFAULT_WORKDIR, ensure_checkpoints, load_average, run_child, write_result
+    from btlm.quant.benchutil import (DEFAULT_WORKDIR, ensure_checkpoints, load_average, machine_description,
+                                      run_child, write_result)
 
     variants = args.variants.split(",")
     workdir = args.workdir or DEFAULT_WORKDIR
@@ -113,12 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for v in variants:
         tokens = args.bf16_new_tokens if v == "bf16" else args.new_tokens
-        cached = workdir / f"memory-{args.preset}-{v}-{tokens}.json"
+        cached = workdir / f"memory-{args.preset}-{v}-{tokens}{'-' + args.capability if args.capability else ''}.json"
         if args.reuse and cached.is_file():
             rows.append(dict(json.loads(cached.read_text()), reused=True))
             continue
         print(f"measuring {v} …", file=sys.stderr, flush=True)
-        r = run_child(__file__, dirs[v], v, tokens)
+        r = run_child(__file__, dirs[v], v, tokens, capability=args.capability)
         if "error" in r:
             print(f"error: {v}: {r['error']}", file=sys.stderr)
             return 1
@@ -134,17 +138,21 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Released 3B shape (2.65 B parameters) with random weights; each row is a fresh process running "
         "`import btlm; AutoModelForCausalLM.from_pretrained(dir)` then greedy `generate` from a 16-token prompt "
-        "(bf16 generates fewer tokens: its Conv1D matmuls run ~15× slower than fp32 on this AVX2 CPU, and the KV cache "
-        "of the tokens left out is ~40 MB). "
+        "(bf16 generates fewer tokens: its Conv1D matmuls run ~15× slower than fp32 on AVX2 CPUs without native bf16, "
+        "and the KV cache of the tokens left out is ~40 MB). "
         "Peak RSS (`VmHWM`) includes Python + torch + transformers (\"runtime\" column). "
         "int8/int4: every block linear quantised by `btlm quantize`, tied embedding/LM head int8, "
-        "LayerNorms/biases/activations fp32.",
+        "LayerNorms/biases/activations fp32; int4 codes stored in the CPU-independent layout (format_version 2) and "
+        "packed for this CPU's kernel while loading.",
         "",
-        "| variant | checkpoint on disk | runtime | after load | **peak (load + generate)** | tokens generated | load s | generate tok/s |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Machine: {machine_description()}.",
+        "",
+        "| variant | CPU capability (kernels) | checkpoint on disk | runtime | after load | **peak (load + generate)** | "
+        "tokens generated | load s | generate tok/s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['disk'] / 1e9:.2f} GB | {r['runtime'] / 1e9:.2f} GB | "
+        lines.append(f"| {r['variant']} | {r.get('capability', 'not recorded')} | {r['disk'] / 1e9:.2f} GB | {r['runtime'] / 1e9:.2f} GB | "
                      f"{r['after_load'] / 1e9:.2f} GB | **{r['peak'] / 1e9:.2f} GB** ({r['peak'] / GIB:.2f} GiB) | "
                      f"{r['new_tokens']} | {r['load_s']:.1f} | {r['new_tokens'] / r['gen_s']:.2f} |")
     int4 = next((r for r in rows if r["variant"] == "int4"), None)
@@ -157,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", f"Rows {', '.join(reused)} were measured by an earlier invocation with the same settings "
                       "(`--reuse`), the others in this one."]
     lines += ["", f"![memory chart]({png.name})", "",
-              f"Command: `{_env_prefix()}python benchmarks/memory.py --preset {args.preset} --variants {args.variants} --new-tokens {args.new_tokens} --bf16-new-tokens {args.bf16_new_tokens}{' --reuse' if args.reuse else ''}` "
-              f"(2-core AVX2 CPU, 24 GiB RAM, torch {__import__('torch').__version__}; load average during the run "
-              f"{load_average()}, shared machine).", ""]
+              f"Command: `{_env_prefix()}python benchmarks/memory.py --preset {args.preset} --variants {args.variants} --new-tokens {args.new_tokens} --bf16-new-tokens {args.bf16_new_tokens}"
+              f"{' --capability ' + args.capability if args.capability else ''}{' --reuse' if args.reuse else ''}` "
+              f"(load average at the end {load_average()}; a machine shared with other jobs).", ""]
     write_result(args.out, lines)
     return 0
 

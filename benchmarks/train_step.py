@@ -10,7 +10,12 @@ Compares, in the same run and on the same weights:
 and measures the machine's own roofline in the same run (an n³ matmul in the training dtype and a
 1 GiB memory read), so the MFU and the ratios mean something on any machine.
 
-    .venv/bin/python benchmarks/train_step.py                 # CPU, fp32
+On CPU it reports fp32 and bf16 autocast (``--dtypes``), and what ``btlm run CPU`` with
+``mixed_precision: true`` would choose here (:func:`btlm.precision.choose_cpu_dtype`): bf16 is many
+times faster than fp32 on CPUs with AVX512-BF16 / AMX and many times slower on those without.
+
+    .venv/bin/python benchmarks/train_step.py                 # CPU: fp32, and bf16 where the CPU has it natively
+    .venv/bin/python benchmarks/train_step.py --dtypes fp32,bf16 --seq 512 --impls sdpa --out result.md
     .venv/bin/python benchmarks/train_step.py --device cuda   # GPU, bf16 autocast
 """
 
@@ -18,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
@@ -91,35 +95,67 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--impls", default="sdpa,eager")
+    parser.add_argument("--dtypes", default="auto",
+                        help="comma list of fp32,bf16 (bf16 = autocast); auto: bf16 on GPU; on CPU fp32, plus bf16 where "
+                             "the CPU has native bf16 (an emulated bf16 step takes 14-33x longer)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--out", default=None, help="also write the Markdown table here")
     args = parser.parse_args()
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # fp32 on CPU (no bf16 units)
     params, _ = load_params(args.params)
+    lines = []
 
-    peak = measure_peak_flops(device, dtype, n=4096 if device.type == "cuda" else 2048)
+    def emit(line: str = "") -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    choice = None
+    if device.type == "cpu":
+        from btlm.precision import choose_cpu_dtype
+
+        choice = choose_cpu_dtype()
+        emit(f"`btlm run CPU` with mixed_precision: true chooses **{choice.name}** here: {choice.reason}.")
+        emit()
+    if args.dtypes == "auto":
+        names = ["bf16"] if device.type == "cuda" else ["fp32"] + (["bf16"] if choice.measured else [])
+    else:
+        names = args.dtypes.split(",")
     mem = memory_read_gbps(device)
-    print(f"roofline: {peak / 1e9:.1f} GFLOP/s ({dtype} matmul), memory read {mem:.1f} GB/s; "
-          f"{torch.get_num_threads()} threads", flush=True)
-    rows = [time_steps(impl, params, device, dtype, args.batch, args.seq, args.steps, args.warmup)
-            for impl in args.impls.split(",")]
-    base = next((r for r in rows if r["impl"] == "eager"), rows[-1])
-    print(f"\nBTLM {rows[0]['params'] / 1e6:.0f}M params, batch {args.batch} x {args.seq} tokens, {dtype}, "
-          f"{device.type} ({platform.processor() or platform.machine()})")
-    print("| attention | step (s) | tokens/s | model TFLOP/step | achieved GFLOP/s | MFU vs roofline | speed-up vs eager |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        flops = r["flops_per_token"] * args.batch * args.seq
-        achieved = flops / r["step_s"]
-        r.update(mfu=achieved / peak, achieved_gflops=achieved / 1e9)
+    from btlm.quant.benchutil import machine_description
+
+    emit(f"Machine: {machine_description() if device.type == 'cpu' else torch.cuda.get_device_name()}; "
+         f"memory read {mem:.1f} GB/s.")
+    emit()
+    emit(f"| dtype | attention | matmul roofline GFLOP/s ({'4096' if device.type == 'cuda' else '2048'}³, same run) | "
+         "step (s) | tokens/s | model TFLOP/step | achieved GFLOP/s | MFU vs that roofline | speed vs fp32 |")
+    emit("|---|---|---|---|---|---|---|---|---|")
+    all_rows = []
+    for dname in names:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
+        peak = measure_peak_flops(device, dtype, n=4096 if device.type == "cuda" else 2048)
+        for impl in args.impls.split(","):
+            r = time_steps(impl, params, device, dtype, args.batch, args.seq, args.steps, args.warmup)
+            flops = r["flops_per_token"] * args.batch * args.seq
+            achieved = flops / r["step_s"]
+            r.update(dtype=dname, peak_flops=peak, mfu=achieved / peak, achieved_gflops=achieved / 1e9, tflop=flops / 1e12)
+            all_rows.append(r)
+    for r in all_rows:
+        base = next((b for b in all_rows if b["impl"] == r["impl"] and b["dtype"] == "fp32"), None)
+        speed = f"{base['step_s'] / r['step_s']:.2f}x" if base else "—"
         name = {"sdpa": "btlm (chunked SDPA)", "eager": "released approach (eager + full ALiBi bias)"}[r["impl"]]
-        print(f"| {name} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {flops / 1e12:.2f} | {achieved / 1e9:.1f} | "
-              f"{100 * r['mfu']:.1f}% | {base['step_s'] / r['step_s']:.2f}x |")
-    if rows[0]["losses"][0] and len(rows) > 1:
-        print(f"first-step loss sdpa {rows[0]['losses'][0]:.6f} vs eager {rows[1]['losses'][0]:.6f} (same weights/data)")
+        emit(f"| {r['dtype']}{' autocast' if r['dtype'] == 'bf16' else ''} | {name} | {r['peak_flops'] / 1e9:.1f} | "
+             f"{r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['tflop']:.2f} | {r['achieved_gflops']:.1f} | "
+             f"{100 * r['mfu']:.1f}% | {speed} |")
+    emit()
+    emit(f"BTLM {all_rows[0]['params'] / 1e6:.0f}M params ({args.params}), batch {args.batch} x {args.seq} tokens, "
+         f"best of {args.steps} steps after {args.warmup} warm-up; first-step losses: "
+         + ", ".join(f"{r['dtype']}/{r['impl']} {r['losses'][0]:.6f}" for r in all_rows) + ".")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"peak_flops": peak, "mem_gbps": mem, "rows": rows}, f, indent=2)
+            json.dump({"mem_gbps": mem, "choice": str(choice), "rows": all_rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from btlm.errors import UsageError
 from btlm.io import ModelLoadError, load_model, parse_dtype, read_config, resolve_tokenizer, save_model
 from btlm.model import BTLMLMHeadModel, config_from_preset
 
-__all__ = ["ModelLoadError", "check_generation_args", "context_overrides", "generate_batch", "generate_text", "init_model_dir", "load_model",
+__all__ = ["ModelLoadError", "choose_device", "check_generation_args", "context_overrides", "generate_batch", "generate_text", "init_model_dir", "load_model",
            "parse_dtype", "read_prompts", "resolve_tokenizer", "save_model"]
 
 
@@ -38,6 +38,14 @@ def init_model_dir(preset: str, out_dir: str | os.PathLike, seed: int = 0, dtype
     return save_model(model, out_dir, overwrite=overwrite)
 
 
+def choose_device(path: str | os.PathLike, device: str | None = None) -> str:
+    """The device to run the model at ``path`` on (see :func:`btlm.io.resolve_device`): ``device`` if
+    given, else CUDA when available, else CPU; quantised models always CPU."""
+    from btlm.io import resolve_device
+
+    return str(resolve_device(device, path))
+
+
 def generate_text(model, tokenizer, prompt: str, stream: bool = False, **gen_kwargs) -> str:
     """Generate a continuation of ``prompt``; with ``stream`` the text is printed as it is produced."""
     from transformers import TextStreamer
@@ -50,6 +58,8 @@ def generate_text(model, tokenizer, prompt: str, stream: bool = False, **gen_kwa
     if gen_kwargs.get("num_beams", 1) > 1:
         streamer = None  # beam search has no single stream to print
     gen_kwargs.setdefault("pad_token_id", tokenizer.eos_token_id)
+    if model.device.type == "cpu":  # pre-allocated K/V: no torch.cat of the whole cache per token (docs/quant.md)
+        gen_kwargs.setdefault("cache_implementation", "static")
     output = model.generate(**inputs, streamer=streamer, **gen_kwargs)
     return tokenizer.decode(output[0], skip_special_tokens=True)
 

@@ -172,10 +172,21 @@ def parse_dtype(name):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": "auto"}[canonical]
 
 
-def resolve_device(spec: str | None = None):
-    """``None`` → CUDA when available, else CPU; ``"cuda:N"`` is checked against the visible GPUs."""
+def resolve_device(spec: str | None = None, model_path: str | os.PathLike | None = None):
+    """The device to run on: ``spec`` if given (``"cuda:N"`` is checked against the visible GPUs), else
+    CUDA when available, else CPU.
+
+    With ``model_path`` a quantised (int4/int8) model directory the answer is always CPU: its kernels are
+    PyTorch's weight-only CPU kernels, so it defaults to CPU even on a GPU machine and asking for another
+    device is one :class:`ModelLoadError`."""
     import torch
 
+    bits = _quantized_bits(model_path) if model_path is not None else None
+    if bits is not None:
+        if spec is not None and _device_type(spec) != "cpu":
+            raise ModelLoadError(f"{model_path} is an int{bits} quantised model, which runs on CPU only; "
+                                 f"got device {spec!r} (use --device cpu or leave it out)")
+        return torch.device("cpu")
     if spec is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -191,6 +202,29 @@ def resolve_device(spec: str | None = None):
     elif device.type not in ("cpu", "mps", "xpu"):
         raise UsageError(f"--device {spec!r} is not supported (expected cpu, cuda or cuda:N)")
     return device
+
+
+def _device_type(spec) -> str:
+    import torch
+
+    try:
+        return torch.device(spec).type
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {spec!r} is not a device (expected cpu, cuda or cuda:N)") from None
+
+
+def _quantized_bits(model_path: str | os.PathLike) -> int | None:
+    """The weight bits of a quantised model directory (``quantization_config.bits``), else None."""
+    import json
+
+    config_file = Path(model_path) / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        quant = json.loads(config_file.read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None  # reported properly when the model is loaded
+    return quant.get("bits", "?") if isinstance(quant, dict) and quant else None
 
 
 # ------------------------------------------------------------------------------- model directories

@@ -73,7 +73,7 @@ def test_save_load_round_trip(model, ids, tmp_path):
     save_quantized(q, tmp_path / "q")
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization_config"] == dict(quant_method="btlm_woq", bits=4, group_size=32,
-                                                 embedding_bits=8, format_version=1)
+                                                 embedding_bits=8, format_version=2)
     from safetensors import safe_open
 
     with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
@@ -118,3 +118,65 @@ def test_cli_quantize_and_errors(model, ids, tmp_path, capsys):
     with pytest.raises(QuantizationError, match="no btlm quantization_config"):
         load_quantized(fp_dir)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def int4_dir(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "int4"
+    save_quantized(quantize_model(copy.deepcopy(model), bits=4, group_size=32, progress=False), out)
+    return out
+
+
+def test_quantised_models_default_to_cpu_on_a_gpu_machine(int4_dir, model, tmp_path, monkeypatch, capsys):
+    """generate / eval-long / passkey choose CPU for int4/int8 models (their kernels are CPU-only) even where
+    CUDA is available, and refuse another device in one line."""
+    from btlm import inference
+    from btlm.eval.common import load_for_context
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine
+    fp_dir = tmp_path / "fp"
+    inference.save_model(model, fp_dir)
+    assert inference.choose_device(int4_dir) == "cpu" and inference.choose_device(fp_dir) == "cuda"
+    assert inference.choose_device(fp_dir, "cpu") == "cpu"
+
+    devices = []
+
+    def fake_load(path, dtype=None, device=None, **overrides):
+        devices.append(device)
+        raise inference.ModelLoadError("stop here")
+
+    import btlm.io
+
+    monkeypatch.setattr(inference, "load_model", fake_load)
+    monkeypatch.setattr(btlm.io, "load_model", fake_load)
+    assert btlm_main(["generate", "--model", str(int4_dir), "--prompt", "hi"]) == 1
+    with pytest.raises(inference.ModelLoadError, match="stop here"):
+        load_for_context(str(int4_dir), 64)
+    devices = [str(d) for d in devices]
+    assert devices == ["cpu", "cpu"]
+    capsys.readouterr()
+    assert btlm_main(["generate", "--model", str(int4_dir), "--prompt", "hi", "--device", "cuda"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "int4 quantised model, which runs on CPU only" in err and devices == ["cpu", "cpu"]
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_text_uses_a_static_cache_on_cpu_with_the_same_output(model, tokenizer, num_beams):
+    """`btlm generate` decodes over a pre-allocated cache on CPU (measured faster for int4: no per-token
+    torch.cat of the whole cache); the text is the one the dynamic cache gives."""
+    from btlm.inference import generate_text
+
+    big = make_model(vocab_size=50257)
+    q = quantize_model(copy.deepcopy(big), bits=4, group_size=32, progress=False)
+    seen = []
+    original = q.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("cache_implementation"))
+        return original(*args, **kwargs)
+
+    q.generate = spy
+    kw = dict(max_new_tokens=6, do_sample=False, num_beams=num_beams)
+    static = generate_text(q, tokenizer, "Hello world", **kw)
+    dynamic = generate_text(q, tokenizer, "Hello world", cache_implementation="dynamic", **kw)
+    assert seen == ["static", "dynamic"] and static == dynamic and len(static) > len("Hello world")

@@ -9,19 +9,45 @@ from btlm.quant.packing import (
     check_settings,
     dequantize_int4,
     dequantize_int8,
-    from_kernel_layout,
+    pack_nibbles,
     quantize_int4,
     quantize_int8,
-    to_kernel_layout,
+    unpack_nibbles,
 )
+from btlm.quant import kernels
 
 
-@pytest.mark.parametrize("shape", [(32, 64), (96, 256), (6848, 32)])
-def test_kernel_layout_matches_torch_op_and_inverts(shape):
-    q = torch.randint(0, 16, shape, dtype=torch.uint8)
-    packed = to_kernel_layout(q)
-    assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
-    assert torch.equal(from_kernel_layout(packed), q)
+def test_file_layout_is_two_nibbles_per_byte_along_k():
+    """The documented file layout, byte for byte: low nibble = even column, high nibble = odd column."""
+    q = torch.tensor([[1, 2, 3, 4], [15, 0, 7, 8]], dtype=torch.uint8)
+    assert pack_nibbles(q).tolist() == [[0x21, 0x43], [0x0F, 0x87]]
+    q = torch.randint(0, 16, (96, 256), dtype=torch.uint8)
+    assert torch.equal(unpack_nibbles(pack_nibbles(q)), q)
+
+
+@pytest.mark.parametrize("n,k,group_size", [(32, 64, 32), (96, 256, 64), (48, 128, 32), (6848, 256, 128)])
+def test_int4_kernel_on_this_cpu_computes_the_canonical_codes(n, k, group_size):
+    """Codes packed for the running CPU by torch's own converter give the dequantised weight's product
+    (whatever ATEN_CPU_CAPABILITY this runs under)."""
+    torch.manual_seed(0)
+    q, sz = quantize_int4(torch.randn(n, k), group_size)
+    packed = kernels.int4_pack(unpack_nibbles(pack_nibbles(q)))
+    x = torch.randn(5, k).bfloat16()
+    y = kernels.int4_mm(x, packed, group_size, sz)
+    ref = x.float() @ dequantize_int4(q, sz).T
+    assert torch.allclose(y.float(), ref, rtol=0, atol=2e-2 * ref.abs().max().item())
+
+
+def test_aligned_copies_only_what_is_not_aligned():
+    base = torch.zeros(1000, dtype=torch.uint8)
+    assert kernels.is_aligned(base)
+    assert kernels.aligned(base) is base
+    view = base[20:520]  # like a tensor viewed from a memory-mapped file at offset 20
+    assert not kernels.is_aligned(view)
+    copy = kernels.aligned(view)
+    assert kernels.is_aligned(copy) and torch.equal(copy, view) and copy.data_ptr() != view.data_ptr()
+    strided = torch.arange(64.0).view(8, 8).T
+    assert kernels.aligned(strided).is_contiguous() and torch.equal(kernels.aligned(strided), strided)
 
 
 @pytest.mark.parametrize("group_size", INT4_GROUP_SIZES)
@@ -55,7 +81,7 @@ def test_int4_kernel_computes_our_dequantised_weight():
     w = torch.randn(64, 256)
     q, sz = quantize_int4(w, 64)
     x = torch.randn(5, 256).bfloat16()
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, to_kernel_layout(q), 64, sz)
+    y = kernels.int4_mm(x, kernels.int4_pack(q), 64, sz)
     ref = x.float() @ dequantize_int4(q, sz).T
     assert torch.allclose(y.float(), ref, rtol=0, atol=2e-2 * ref.abs().max().item())
 
@@ -64,7 +90,7 @@ def test_int8_kernel_computes_our_dequantised_weight():
     torch.manual_seed(0)
     q, scale = quantize_int8(torch.randn(48, 96))
     x = torch.randn(3, 96).bfloat16()
-    y = torch.ops.aten._weight_int8pack_mm(x, q, scale)
+    y = kernels.int8_mm(x, q, scale)
     ref = x.float() @ dequantize_int8(q, scale).T
     assert torch.allclose(y.float(), ref, rtol=0, atol=2e-2 * ref.abs().max().item())
 

@@ -131,8 +131,8 @@ def test_unreadable_and_malformed_files(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_params(tmp_path / "list.yaml")
-    (tmp_path / "new.yaml").write_text("trainer:\n  init: {}\n")
-    with pytest.raises(ConfigError, match="'trainer:' layout"):
+    (tmp_path / "new.yaml").write_text("trainer:\n  init: {profiler: 1}\n")
+    with pytest.raises(ConfigError, match="new.yaml: trainer.init.profiler: not supported"):
         load_params(tmp_path / "new.yaml")
 
 

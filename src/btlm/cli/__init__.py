@@ -31,6 +31,7 @@ COMMANDS: dict[str, Command] = {
     "quantize": Command("btlm.cli.quant", "weight-only int4 / int8 quantisation for CPU inference"),
     "quality": Command("btlm.cli.quant", "KL divergence and perplexity change of int8 / int4 quantisation"),
     "export-gguf": Command("btlm.cli.quant", "write a GGUF file llama.cpp loads through its JAIS architecture"),
+    "mup": Command("btlm.cli.mup", "muP checks: coordinate check and LR-transfer sweep across widths"),
     "serve": Command("btlm.cli.serve", "OpenAI-compatible HTTP server (torch engine with batching, or llama.cpp)"),
     "lm-eval": Command("btlm.cli.lm_eval", "lm-eval's command line with BTLM registered (--model DIR; extra .[eval])"),
     "demo": Command("btlm.cli.demo", "the whole pipeline on CPU in minutes: corpus, data, train, eval, export, sample"),

@@ -148,7 +148,7 @@ def add_dtype(parser, default: str = "fp32", choices=("fp32", "bf16", "fp16"), h
 
 def add_device(parser) -> None:
     parser.add_argument("--device", default=None,
-                        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+                        help="cpu, cuda or cuda:N (default: cuda when available, else cpu; always cpu for quantised models)")
 
 
 def add_seed(parser, default: int = 0, help_: str = "random seed") -> None:

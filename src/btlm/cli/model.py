@@ -40,8 +40,9 @@ def build_parser(name: str) -> Parser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling probability mass, in (0, 1]")
     p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="forbid repeating n-grams of this size (0 = off)")
     add_dtype(p, choices=("fp32", "bf16", "fp16", "auto"),
-              help_="compute dtype; auto = the checkpoint's (fp32 is the default because bf16 matmuls are slow on "
-                    "CPUs without AVX512-BF16)")
+              help_="compute dtype; auto: on CPU bf16 where this CPU has native bf16 and measures it faster, else "
+                    "fp32; on GPU the checkpoint's (fp32 is the default because bf16 matmuls are slow on CPUs "
+                    "without AVX512-BF16)")
     add_device(p)
     add_seed(p, help_="seed of the sampling")
     p.add_argument("--no-stream", action="store_true", help="print the whole text at the end instead of streaming")
@@ -75,11 +76,18 @@ def execute(name: str, args) -> int:
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     no_repeat_ngram_size=args.no_repeat_ngram_size)
     check_generation_args(**settings)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, args.model)
     import torch
 
     torch.manual_seed(args.seed)
-    model = load_model(args.model, dtype=args.dtype, device=device,
+    dtype = args.dtype
+    if dtype == "auto" and device.type == "cpu":  # bf16 only where this CPU runs it faster
+        from btlm.precision import choose_cpu_dtype
+
+        choice = choose_cpu_dtype()
+        print(f"--dtype auto: {choice}", file=sys.stderr)
+        dtype = choice.dtype
+    model = load_model(args.model, dtype=dtype, device=device,
                        **context_overrides(args.model, args.n_positions, args.alibi_scaling))
     tokenizer = resolve_tokenizer(args.model)
     if prompts is not None:

@@ -79,13 +79,14 @@ def load_for_context(model_path: str, context: int, dtype=None, device=None):
 
     Raising ``n_positions`` is how BTLM runs past its training length (ALiBi has no position table); the
     scaling setting is switched later on the loaded model (see :func:`apply_scaling`), so the weights are
-    loaded once for all settings. ``device`` None means CUDA when available, else CPU.
+    loaded once for all settings. ``device`` None means CUDA when available, else CPU (always CPU for a
+    quantised model, which refuses any other device).
     """
     from btlm.io import load_model, read_config, resolve_device
 
     trained = read_config(model_path).n_positions if Path(model_path, "config.json").is_file() else None
     overrides = {"n_positions": max(context, trained or 0)}
-    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    device = resolve_device(device, model_path) if not isinstance(device, torch.device) else device
     model = load_model(model_path, dtype=dtype, device=device, **overrides)
     return model, trained
 

@@ -15,6 +15,7 @@ from .model import (
     alibi_bias,
     alibi_divisor,
     alibi_slopes,
+    check_token_ids,
     config_from_preset,
     validate_alibi_scaling,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "alibi_bias",
     "alibi_divisor",
     "alibi_slopes",
+    "check_token_ids",
     "config_from_preset",
     "register_auto_classes",
     "validate_alibi_scaling",

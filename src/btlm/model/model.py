@@ -11,7 +11,10 @@ Two attention paths share one ALiBi implementation (:func:`alibi_bias`):
   (scale, causal ``where``, + padding mask, + ALiBi, softmax). This is what the remote code does.
 * ``"sdpa"`` (default) — :func:`torch.nn.functional.scaled_dot_product_attention` over query chunks whose
   ALiBi bias + mask is built in the compute dtype, so the extra memory per layer is bounded by the chunk
-  size instead of ``O(H·T²)`` fp32; each chunk only reads the keys its causal window can see.
+  size instead of ``O(H·T²)`` fp32; each chunk only reads the keys its causal window can see. When
+  gradients are needed the backward pass recomputes each chunk, its bias included, instead of keeping it
+  (autograd would otherwise hold every chunk's bias, ``H·T²/2`` values per layer), so a training step's
+  memory grows linearly in T.
 """
 
 from __future__ import annotations
@@ -203,7 +206,9 @@ def alibi_bias(slopes: torch.Tensor, q_start: int, q_len: int, k_len: int, divis
     rows = torch.arange(q_start, q_start + q_len, device=device)[:, None]
     cols = torch.arange(k_len, device=device)[None, :]
     distance = (cols - rows).abs()
-    return (slopes.to(dtype) / -divisor).unsqueeze(1) * distance
+    # The slopes are fixed (``from_pretrained`` may mark them trainable): a bias that required grad would
+    # make attention compute and keep an [H, q, k] bias gradient per layer.
+    return (slopes.detach().to(dtype) / -divisor).unsqueeze(1) * distance
 
 
 class AlibiPositionEmbeddingLayer(nn.Module):
@@ -309,17 +314,21 @@ class BTLMAttention(nn.Module):
         chunk = max(1, min(self.config.attn_chunk_size, _SDPA_BIAS_BUDGET // max(1, mask_batch * H * K)))
         scale = 1.0 / self.score_divisor()
         dropout_p = self.config.attn_pdrop if self.training else 0.0
-        outputs = []
-        for c0 in range(0, T, chunk):
-            c1 = min(T, c0 + chunk)
-            kc = P + c1  # keys visible to the last row of the chunk
-            bias = self._chunk_bias(P + c0, c1 - c0, kc, q.dtype, ctx)
-            outputs.append(
-                F.scaled_dot_product_attention(
-                    q[:, :, c0:c1], k[:, :, :kc], v[:, :, :kc], attn_mask=bias, dropout_p=dropout_p, scale=scale
-                )
-            )
+        chunks = [(c0, min(T, c0 + chunk)) for c0 in range(0, T, chunk)]
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _RecomputedChunkAttention.apply(q, k, v, self, ctx, chunks, dropout_p, scale)
+        return self._chunks(q, k, v, ctx, chunks, dropout_p, scale)
+
+    def _chunks(self, q, k, v, ctx, chunks, dropout_p, scale):
+        P = k.shape[-2] - q.shape[-2]
+        outputs = [self._chunk_attention(q[:, :, c0:c1], k[:, :, : P + c1], v[:, :, : P + c1], P + c0, ctx, dropout_p, scale)
+                   for c0, c1 in chunks]  # keys < P+c1: those the chunk's last row can see
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+    def _chunk_attention(self, q, k, v, q_start, ctx, dropout_p, scale):
+        """SDPA of one query chunk (absolute rows ``q_start…``) over the keys it can see, bias built here."""
+        bias = self._chunk_bias(q_start, q.shape[-2], k.shape[-2], q.dtype, ctx)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
 
     @staticmethod
     def _chunk_bias(q_start, q_len, k_len, dtype, ctx):
@@ -337,6 +346,46 @@ class BTLMAttention(nn.Module):
         while bias.dim() < 4:
             bias = bias.unsqueeze(0)
         return bias
+
+
+class _RecomputedChunkAttention(torch.autograd.Function):
+    """The chunked SDPA path under autograd: the backward pass recomputes one chunk at a time, its bias
+    included, and accumulates that chunk's gradients into q, k, v's. Autograd keeps only q, k and v, so a
+    training step holds O(T) per layer instead of every chunk's ``[B, H, q, K]`` bias (H·T²/2 values), and
+    no per-chunk gradient of the key/value slices (a full-length tensor each) is alive at once."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn, attn_ctx, chunks, dropout_p, scale):
+        ctx.save_for_backward(q, k, v)
+        ctx.run = (attn, attn_ctx, chunks, dropout_p, scale)
+        # Attention dropout must draw the same masks when recomputed: start from the same RNG state.
+        ctx.rng = None
+        if dropout_p > 0:
+            ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(q.device) if q.device.type == "cuda" else None)
+        return attn._chunks(q, k, v, attn_ctx, chunks, dropout_p, scale)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        attn, attn_ctx, chunks, dropout_p, scale = ctx.run
+        P = k.shape[-2] - q.shape[-2]
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        cuda = [q.device] if q.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda, enabled=ctx.rng is not None):
+            if ctx.rng is not None:
+                torch.set_rng_state(ctx.rng[0])
+                if cuda:
+                    torch.cuda.set_rng_state(ctx.rng[1], q.device)
+            for c0, c1 in chunks:
+                kc = P + c1
+                with torch.enable_grad():
+                    inputs = [t.detach().requires_grad_() for t in (q[:, :, c0:c1], k[:, :, :kc], v[:, :, :kc])]
+                    out = attn._chunk_attention(*inputs, P + c0, attn_ctx, dropout_p, scale)
+                    gq, gk, gv = torch.autograd.grad(out, inputs, grad_out[:, :, c0:c1])
+                dq[:, :, c0:c1] = gq
+                dk[:, :, :kc] += gk
+                dv[:, :, :kc] += gv
+        return dq, dk, dv, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -455,6 +504,16 @@ class BTLMPreTrainedModel(PreTrainedModel):
         return [dict(name=name, **group) for name, group in groups.items() if group["params"]]
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise one ``ValueError`` naming a token id outside ``[0, vocab_size)``. It reads values back, so it
+    belongs on CPU tensors (on an accelerator the read would wait for the device)."""
+    if input_ids.numel():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
 class BTLMModel(BTLMPreTrainedModel):
     """The decoder: embeddings × ``mup_embeddings_scale``, blocks, final LayerNorm."""
 
@@ -476,11 +535,10 @@ class BTLMModel(BTLMPreTrainedModel):
         self.wte = new_embeddings
 
     def _check_inputs(self, input_ids, past_length: int, seq_length: int) -> None:
-        if input_ids is not None and input_ids.numel():
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= self.config.vocab_size:
-                bad = low if low < 0 else high
-                raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        # Ids on an accelerator are not read back: that would stall the device on every forward. Callers
+        # that move batches there (the trainer) check the ids on the CPU first.
+        if input_ids is not None and input_ids.device.type == "cpu":
+            check_token_ids(input_ids, self.config.vocab_size)
         if past_length + seq_length > self.config.n_positions:
             raise ValueError(
                 f"input of {past_length + seq_length} tokens (cached {past_length} + new {seq_length}) is longer "
@@ -524,8 +582,8 @@ class BTLMModel(BTLMPreTrainedModel):
         if attention_mask is not None:
             if attention_mask.shape != (B, K):
                 raise ValueError(f"attention_mask must have shape [batch, cached + new] = {[B, K]}, got {list(attention_mask.shape)}")
-            if bool(attention_mask.all()):
-                attention_mask = None  # nothing padded: skip the mask work
+            if attention_mask.device.type == "cpu" and bool(attention_mask.all()):
+                attention_mask = None  # nothing padded: skip the mask work (not worth a device sync elsewhere)
         attn_context = dict(
             key_length=K,
             key_mask=attention_mask,

@@ -34,10 +34,12 @@ def ensure_checkpoints(workdir: Path, variants, preset: str = "3b") -> dict[str,
     return {v: write_random_checkpoint(workdir / f"{preset}-{v}", v, preset=preset) for v in variants}
 
 
-def run_child(script: str, *args: str, timeout: float = 1800) -> dict:
-    """Run ``python script --child args…`` and parse the JSON on its last stdout line."""
+def run_child(script: str, *args: str, timeout: float = 1800, capability: str | None = None) -> dict:
+    """Run ``python script --child args…`` (under ``ATEN_CPU_CAPABILITY=capability`` if given) and parse the
+    JSON on its last stdout line."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability) if capability else None
     res = subprocess.run([sys.executable, script, "--child", *map(str, args)], capture_output=True, text=True,
-                         timeout=timeout)
+                         timeout=timeout, env=env)
     if res.returncode:
         lines = res.stderr.strip().splitlines() or [f"exit code {res.returncode}"]
         return {"error": lines[-1]}
@@ -72,6 +74,23 @@ def memory_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
         x.sum()
         best = min(best, time.perf_counter() - t0)
     return x.numel() * 4 / best / 1e9
+
+
+def machine_description() -> str:
+    """One line naming this machine's CPU as the benchmarks depend on it: model, threads, PyTorch's kernel
+    capability, the vector / bf16 flags present."""
+    from btlm.precision import NATIVE_BF16_FLAGS, cpu_facts
+
+    facts = cpu_facts()
+    model = "unknown CPU"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    shown = sorted(f for f in facts.flags if f in {"avx2", "fma", "avx512f", "avx512_vnni", "amx_tile"} | NATIVE_BF16_FLAGS)
+    return (f"{model}, {torch.get_num_threads()} threads, PyTorch CPU capability {facts.capability} "
+            f"(flags: {' '.join(shown) or 'none of avx2/avx512/bf16'}), torch {torch.__version__}")
 
 
 def load_average() -> str:

@@ -11,7 +11,10 @@ from .packing import QuantizationError, check_settings
 
 #: ``quant_method`` written to config.json; transformers looks the quantizer up by it.
 QUANT_METHOD = "btlm_woq"
-FORMAT_VERSION = 1
+#: 2: int4 codes in the canonical nibble layout (the same bytes on every CPU), packed for the kernel at load.
+#: 1: int4 codes in one CPU's kernel layout (and, in the earliest files, the nibble layout: the two cannot
+#: be told apart), so version-1 int4 files are refused; version-1 int8 files are the same as version 2.
+FORMAT_VERSION = 2
 
 
 class BTLMQuantConfig(QuantizationConfigMixin):
@@ -32,9 +35,15 @@ class BTLMQuantConfig(QuantizationConfigMixin):
         check_settings(self.bits, self.group_size)
         if self.embedding_bits not in (None, 8):
             raise QuantizationError(f"unsupported embedding_bits {self.embedding_bits!r}: expected 8 or null")
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version == 1 and self.bits == 4:
             raise QuantizationError(
-                f"quantization_config format_version {self.format_version} is not supported (expected {FORMAT_VERSION})"
+                "this int4 model was written by an older btlm (quantization_config format_version 1, a CPU-specific "
+                "layout that crashes or computes garbage on other CPUs): re-run `btlm quantize` on the unquantised model"
+            )
+        if self.format_version not in (1, FORMAT_VERSION):
+            raise QuantizationError(
+                f"quantization_config format_version {self.format_version!r} is not supported (expected "
+                f"{FORMAT_VERSION}; a newer btlm wrote it?)"
             )
 
 

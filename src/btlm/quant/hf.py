@@ -4,7 +4,8 @@ transformers 5 looks up ``config.json``'s ``quantization_config.quant_method`` i
 (``register_quantization_config`` / ``register_quantizer``); :func:`btlm.quant.register` adds ours. The
 quantizer only *loads* pre-quantised checkpoints: before the weights are read it swaps the model's
 ``Conv1D`` (and embedding) modules for empty quantised ones whose tensor names match the file, so the
-standard loader fills them; afterwards it converts int4 weights to the kernel layout.
+standard loader fills them; afterwards it packs the int4 weights for this CPU's kernel and aligns every
+kernel operand, reading those tensors from the checkpoint files (not through the memory map).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class BTLMWeightOnlyQuantizer(HfQuantizer):
                 f"btlm int{self.quantization_config.bits} checkpoints run on CPU only; got device_map={device_map!r}"
             )
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         from btlm.model import BTLMLMHeadModel
 
         if not isinstance(model, BTLMLMHeadModel):
@@ -37,10 +38,11 @@ class BTLMWeightOnlyQuantizer(HfQuantizer):
                 f"quant_method {self.quantization_config.quant_method!r} is for BTLMLMHeadModel, not {type(model).__name__}"
             )
         replace_with_empty_quantized(model, self.quantization_config)
+        self.checkpoint_files = list(checkpoint_files or [])
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        return prepare_for_inference(model)
+        return prepare_for_inference(model, getattr(self, "checkpoint_files", None))
 
     def is_serializable(self):
         return True

@@ -1,29 +1,36 @@
 """Quantised drop-in modules for BTLM's ``Conv1D`` linears and its tied embedding / LM head.
 
-The int4 / int8 matmuls run in PyTorch's own CPU kernels with **bf16 activations**: on this AVX2 CPU the
-int4 kernel with fp32 activations is ~10× slower than with bf16 (see docs/quant.md), so every module
-casts its input to bf16 for the kernel and casts the result back to the model's dtype (that of its bias
-or scale parameter, so ``model.to(dtype)`` keeps working).
+The int4 / int8 matmuls run in PyTorch's own CPU kernels (:mod:`btlm.quant.kernels`) with **bf16
+activations**: on AVX2 CPUs the int4 kernel with fp32 activations is ~10× slower than with bf16 (see
+docs/quant.md), so every module casts its input to bf16 for the kernel and casts the result back to the
+model's dtype (that of its bias or scale parameter, so ``model.to(dtype)`` keeps working). Where a kernel
+is not usable on this CPU, the modules dequantise and use a dense matmul instead (same math, slower).
 
-All tensors are ``nn.Parameter(requires_grad=False)`` so ``from_pretrained`` fills them like any weight.
+All stored tensors are ``nn.Parameter(requires_grad=False)`` so ``from_pretrained`` fills them like any
+weight; what a kernel needs beyond them (the int4 weight packed for this CPU) is built by
+``prepare_kernel`` and never saved.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import kernels
 from .packing import (
+    INT4_N_MULTIPLE,
     INT8_K_MULTIPLE,
-    KERNEL_BLOCK_N,
     dequantize_int4,
-    from_kernel_layout,
+    dequantize_int8,
+    pack_nibbles,
     quantize_int4,
     quantize_int8,
     round_up,
-    to_kernel_layout,
+    unpack_nibbles,
 )
 
 #: Above this many rows (tokens) an int4 matmul dequantises the weight to the activation dtype and
@@ -31,6 +38,10 @@ from .packing import (
 #: costs ~1 ms per row per 17.5M weights, dequantise + fp32 matmul ~130 ms + 0.35 ms per row, so the
 #: dense route wins above ~200 rows (long prompts); decode (1 row) always uses the kernel.
 DEQUANT_MIN_ROWS = 256
+
+#: ``read(name)`` returns a fresh, in-memory copy of this module's stored tensor ``name`` (read from the
+#: checkpoint file), or None to use the loaded parameter itself.
+Reader = Callable[[str], "torch.Tensor | None"]
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -49,27 +60,40 @@ def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
     return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
 
 
+def _read(param: nn.Parameter, read: Reader | None, name: str) -> torch.Tensor:
+    fresh = read(name) if read is not None else None
+    return param.data if fresh is None else fresh
+
+
+def _make_kernel_ready(param: nn.Parameter, read: Reader | None, name: str, dtype=None) -> None:
+    """Point ``param`` at an aligned (and, with ``dtype``, converted) copy of its data, read from the file
+    when ``read`` can (so the memory-mapped pages are never touched)."""
+    t = _read(param, read, name)
+    param.data = kernels.aligned(t if dtype is None else t.to(dtype))
+
+
 class Int4Conv1D(nn.Module):
     """``y = x @ W + b`` like GPT-2's ``Conv1D`` (``W`` is ``[in, out]``), from group-wise int4 weights.
 
-    Stored tensors: ``qweight`` uint8 ``[Np, Kp/2]``, the 4-bit codes (``nn.Linear`` orientation) already
-    in the int4 CPU kernel's blocked layout (:func:`btlm.quant.packing.to_kernel_layout`), so a loaded
-    checkpoint is used straight from the memory-mapped file with no conversion copy;
-    ``scales_and_zeros`` bf16 ``[Kp/group_size, Np, 2]``; ``bias`` ``[out]``. ``Np``/``Kp`` are the
-    padded widths (:mod:`btlm.quant.packing`).
+    Stored tensors (the file format, the same on every CPU): ``qweight`` uint8 ``[Np, Kp/2]``, the 4-bit
+    codes in ``nn.Linear`` orientation, two per byte along ``K`` (:func:`btlm.quant.packing.pack_nibbles`);
+    ``scales_and_zeros`` bf16 ``[Kp/group_size, Np, 2]``; ``bias`` ``[out]``. ``Np``/``Kp`` are the padded
+    widths (:mod:`btlm.quant.packing`). :meth:`prepare_kernel` packs ``qweight`` for this CPU's int4 kernel
+    into ``packed`` (not a parameter: never saved, rebuilt in each process).
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int, dtype=torch.float32, device=None):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.padded_in = round_up(in_features, group_size)
-        self.padded_out = round_up(out_features, KERNEL_BLOCK_N)
+        self.padded_out = round_up(out_features, INT4_N_MULTIPLE)
         kw = dict(device=device)
         self.qweight = _frozen(torch.zeros(self.padded_out, self.padded_in // 2, dtype=torch.uint8, **kw))
         self.scales_and_zeros = _frozen(
             torch.zeros(self.padded_in // group_size, self.padded_out, 2, dtype=torch.bfloat16, **kw)
         )
         self.bias = _frozen(torch.zeros(out_features, dtype=dtype, **kw))
+        self.packed: torch.Tensor | None = None  # qweight in this CPU's int4 kernel layout
 
     @classmethod
     def from_conv1d(cls, conv: Conv1D, group_size: int) -> "Int4Conv1D":
@@ -77,14 +101,14 @@ class Int4Conv1D(nn.Module):
         in_features, out_features = conv.weight.shape
         module = cls(in_features, out_features, group_size, dtype=conv.bias.dtype)
         q, scales_and_zeros = quantize_int4(conv.weight.detach().T, group_size)
-        module.qweight.data = to_kernel_layout(q)
+        module.qweight.data = pack_nibbles(q)
         module.scales_and_zeros.data = scales_and_zeros
         module.bias.data = conv.bias.detach().clone()
         return module
 
     def codes(self) -> torch.Tensor:
         """The ``[Np, Kp]`` uint8 codes."""
-        return from_kernel_layout(self.qweight)
+        return unpack_nibbles(self.qweight)
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         """The ``[out, in]`` (``nn.Linear`` layout) weight the module computes with."""
@@ -92,27 +116,41 @@ class Int4Conv1D(nn.Module):
         return w[: self.out_features, : self.in_features]
 
     @torch.no_grad()
-    def prepare_kernel(self) -> None:
-        """Keep the scales bf16 as the kernel wants (a loader may have cast them to the model dtype)."""
-        if self.scales_and_zeros.dtype != torch.bfloat16:
-            self.scales_and_zeros.data = self.scales_and_zeros.data.bfloat16()
+    def prepare_kernel(self, read: Reader | None = None) -> None:
+        """Pack the codes for this CPU's int4 kernel (once) and give the kernel aligned bf16 scales.
+
+        ``read`` (used by the loader) supplies the stored tensors straight from the file, so the packing
+        never pages in the memory-mapped ``qweight``: after loading it stays mapped but unread (no
+        memory) and is read only to save the model or to dequantise for a long prompt.
+        """
+        sz = self.scales_and_zeros
+        if sz.dtype != torch.bfloat16 or not kernels.is_aligned(sz) or read is not None:
+            _make_kernel_ready(sz, read, "scales_and_zeros", torch.bfloat16)
+        if self.packed is None and kernels.available("int4"):
+            self.packed = kernels.int4_pack(unpack_nibbles(_read(self.qweight, read, "qweight")))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_cpu(x, "Int4Conv1D")
-        self.prepare_kernel()
+        if self.packed is None:
+            self.prepare_kernel()
         out_dtype = self.bias.dtype
         x2 = _pad_last(x.reshape(-1, x.shape[-1]), self.padded_in)
-        if x2.shape[0] >= DEQUANT_MIN_ROWS:  # long prompt: a dense matmul is faster (see DEQUANT_MIN_ROWS)
+        if self.packed is None or x2.shape[0] >= DEQUANT_MIN_ROWS:  # no kernel here, or a long prompt
             y = F.linear(x2.to(out_dtype), dequantize_int4(self.codes(), self.scales_and_zeros, out_dtype))
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.bfloat16(), self.qweight, self.group_size, self.scales_and_zeros
-            )
+            y = kernels.int4_mm(x2.bfloat16(), self.packed, self.group_size, self.scales_and_zeros)
         y = y[:, : self.out_features].to(out_dtype) + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits=4, group_size={self.group_size}"
+
+
+def _int8_matmul(x2: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, out_dtype) -> torch.Tensor:
+    """``x2 @ (weight · scales)ᵀ`` in the int8 kernel, or dequantised where the kernel is not usable."""
+    if kernels.available("int8"):
+        return kernels.int8_mm(x2.bfloat16(), weight, scales.bfloat16()).to(out_dtype)
+    return F.linear(x2.to(out_dtype), dequantize_int8(weight, scales, out_dtype))
 
 
 class Int8Conv1D(nn.Module):
@@ -135,14 +173,22 @@ class Int8Conv1D(nn.Module):
         return module
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        w = self.weight_int8.to(dtype) * self.weight_scale.to(dtype)[:, None]
-        return w[:, : self.in_features]
+        return dequantize_int8(self.weight_int8, self.weight_scale, dtype)[:, : self.in_features]
+
+    @torch.no_grad()
+    def prepare_kernel(self, read: Reader | None = None) -> None:
+        """Give the int8 kernel an aligned weight (read from the file by the loader: a tensor viewed from
+        the memory-mapped file need not be 64-byte aligned)."""
+        if read is not None or not kernels.is_aligned(self.weight_int8):
+            _make_kernel_ready(self.weight_int8, read, "weight_int8")
+        if read is not None or not kernels.is_aligned(self.weight_scale) or self.weight_scale.dtype != torch.bfloat16:
+            _make_kernel_ready(self.weight_scale, read, "weight_scale", torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_cpu(x, "Int8Conv1D")
-        x2 = _pad_last(x.reshape(-1, x.shape[-1]), self.padded_in).bfloat16()
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.weight_scale.bfloat16())
-        return (y.to(self.bias.dtype) + self.bias).view(*x.shape[:-1], self.out_features)
+        x2 = _pad_last(x.reshape(-1, x.shape[-1]), self.padded_in)
+        y = _int8_matmul(x2, self.weight_int8, self.weight_scale, self.bias.dtype)
+        return (y + self.bias).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits=8"
@@ -170,6 +216,12 @@ class Int8Embedding(nn.Module):
         module.weight_int8.data, module.weight_scale.data = q, scale.to(emb.weight.dtype)
         return module
 
+    @torch.no_grad()
+    def prepare_kernel(self, read: Reader | None = None) -> None:
+        """Aligned weights for the tied head's int8 kernel (see :meth:`Int8Conv1D.prepare_kernel`)."""
+        if read is not None or not kernels.is_aligned(self.weight_int8):
+            _make_kernel_ready(self.weight_int8, read, "weight_int8")
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = self.weight_int8[input_ids, : self.embedding_dim].to(self.weight_scale.dtype)
         return rows * self.weight_scale[input_ids].unsqueeze(-1)
@@ -191,6 +243,6 @@ class TiedInt8Head(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         _check_cpu(hidden, "TiedInt8Head")
         emb = self.embedding
-        h2 = _pad_last(hidden.reshape(-1, hidden.shape[-1]), emb.padded_dim).bfloat16()
-        logits = torch.ops.aten._weight_int8pack_mm(h2, emb.weight_int8, emb.weight_scale.bfloat16())
-        return logits.to(hidden.dtype).view(*hidden.shape[:-1], emb.num_embeddings)
+        h2 = _pad_last(hidden.reshape(-1, hidden.shape[-1]), emb.padded_dim)
+        logits = _int8_matmul(h2, emb.weight_int8, emb.weight_scale, hidden.dtype)
+        return logits.view(*hidden.shape[:-1], emb.num_embeddings)

@@ -12,8 +12,12 @@ Conventions follow PyTorch's own CPU weight-only kernels, which do the matmuls:
 Shape rules the kernels impose (found by probing torch 2.13; violating the int8 one segfaults):
 int4 needs ``group_size ∈ {32, 64, 128, 256}`` and ``K`` a multiple of it; int8 needs ``K`` a multiple of
 16. BTLM's FFN width 6826 meets neither, so ``K`` is zero-padded (the activations are zero-padded the same
-way, so the padded columns contribute exactly nothing) and ``N`` is padded to a multiple of 32 so the
-kernel's 32-row blocked layout (see :func:`to_kernel_layout`) has no ragged tail.
+way, so the padded columns contribute exactly nothing) and ``N`` is padded to a multiple of 32 (the int4
+kernel needs a multiple of 16 on every capability; 32 leaves no ragged block on any of them).
+
+Files store the codes in a canonical layout (:func:`pack_nibbles`), not in a kernel's: the kernels' packed
+layouts differ per CPU capability, so packing for the running CPU happens at load time
+(:mod:`btlm.quant.kernels`).
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from btlm.errors import BTLMError
 #: Group sizes the int4 CPU kernel accepts.
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 SUPPORTED_BITS = (4, 8)
-#: Row-block of the int4 kernel layout; N is padded to it.
-KERNEL_BLOCK_N = 32
+#: int4 output rows (N) are zero-padded to a multiple of this.
+INT4_N_MULTIPLE = 32
 INT8_K_MULTIPLE = 32
 
 
@@ -66,7 +70,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     ``scales_and_zeros`` (bf16 ``[Kp / group_size, Np, 2]``). Scales and zeros are rounded to bf16
     *before* ``q`` is computed, so the stored codes are the best ones for the stored scales.
     """
-    w = pad_weight(weight.float(), KERNEL_BLOCK_N, group_size)
+    w = pad_weight(weight.float(), INT4_N_MULTIPLE, group_size)
     n, k = w.shape
     groups = w.view(n, k // group_size, group_size)
     w_min, w_max = groups.amin(-1), groups.amax(-1)
@@ -87,23 +91,16 @@ def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, dtype=torch
     return w.view(n, k)
 
 
-def to_kernel_layout(q: torch.Tensor) -> torch.Tensor:
-    """``[N, K]`` codes → the int4 CPU kernel's packed ``[N, K/2]`` uint8 layout (also the file format).
-
-    Equivalent to ``torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)`` (a test checks it)
-    but works on uint8 without the op's int32 copy: rows come in blocks of 32; for each column ``k`` a
-    block stores 16 bytes whose low nibbles are rows 0..15 and high nibbles rows 16..31.
-    """
-    n, k = q.shape
-    blocks = q.to(torch.uint8).view(n // KERNEL_BLOCK_N, 2, KERNEL_BLOCK_N // 2, k)
-    return (blocks[:, 0] | (blocks[:, 1] << 4)).permute(0, 2, 1).contiguous().view(n, k // 2)
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """The file layout of int4 codes: ``[N, K]`` codes → ``[N, K/2]`` bytes, two codes per byte along ``K``,
+    the even column in the low nibble (as GGUF / AWQ). Plain row-major bytes: the same on every CPU."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
 
 
-def from_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`to_kernel_layout` (to dequantise, e.g. for long prompts)."""
-    n, half_k = packed.shape
-    byte = packed.view(n // KERNEL_BLOCK_N, 2 * half_k, KERNEL_BLOCK_N // 2).permute(0, 2, 1)  # [b, j, k]
-    return torch.stack([byte & 0xF, byte >> 4], dim=1).reshape(n, 2 * half_k)
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: ``[N, K/2]`` bytes → ``[N, K]`` uint8 codes."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).view(packed.shape[0], -1)
 
 
 # ------------------------------------------------------------------------------------------------ int8

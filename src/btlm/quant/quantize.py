@@ -83,25 +83,22 @@ def replace_with_empty_quantized(model: nn.Module, config: BTLMQuantConfig) -> N
         )
 
 
-def prepare_for_inference(model: nn.Module) -> nn.Module:
-    """Convert int4 weights to the kernel layout now rather than on the first forward, and give the int8
-    weights 64-byte-aligned storage: safetensors loads them as views into the file at any offset, and
-    torch's AVX512 ``_weight_int8pack_mm`` kernel crashes (SIGSEGV) on a weight that is not aligned."""
-    for _, module in block_linears(model):
-        if isinstance(module, Int4Conv1D):
-            module.prepare_kernel()
-    for module in model.modules():
-        if isinstance(module, (Int8Conv1D, Int8Embedding)):
-            align_int8_weight(module)
+def prepare_for_inference(model: nn.Module, checkpoint_files=None) -> nn.Module:
+    """Make every quantised module kernel-ready now, layer by layer, rather than on the first forward:
+    int4 weights packed for this CPU's kernel, every kernel operand 64-byte aligned.
+
+    With ``checkpoint_files`` (the safetensors files the model was just loaded from) each tensor a kernel
+    needs is read from its file with ``pread`` instead of through the memory-mapped view, so packing the
+    3B model costs one layer's worth of transient memory and the mapped pages of the stored int4 codes are
+    never read (see docs/quant.md, "Memory").
+    """
+    from .checkpoint import TensorReader
+
+    with TensorReader(checkpoint_files or []) as reader:
+        for name, module in model.named_modules():
+            if isinstance(module, (Int4Conv1D, Int8Conv1D, Int8Embedding)):
+                module.prepare_kernel(reader.for_module(name) if reader else None)
     return model
-
-
-def align_int8_weight(module: nn.Module, alignment: int = 64) -> None:
-    """Copy ``module.weight_int8`` into fresh (allocator-aligned) storage when its data is misaligned."""
-    weight = module.weight_int8
-    if weight.device.type == "cpu" and weight.data_ptr() % alignment:
-        weight.data = weight.data.clone(memory_format=torch.contiguous_format)
-
 
 
 def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:

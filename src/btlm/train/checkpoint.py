@@ -92,12 +92,13 @@ def atomic_torch_save(obj, path: str | Path) -> None:
 
 
 def load_checkpoint_file(path: str | Path) -> dict:
-    """Load a ``.mdl`` checkpoint safely (``weights_only=True``) onto the CPU."""
+    """Load a ``.mdl`` checkpoint safely (``weights_only=True``) onto the CPU, memory-mapped (``mmap=True``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors are read from the page cache on demand, so ranks of one node share one copy
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file name
         raise CheckpointError(f"{path}: cannot load checkpoint safely ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict):
@@ -119,7 +120,10 @@ def parse_load_states(spec: str | None) -> set[str]:
 # ---- RNG state, stored as tensors and plain numbers only (weights_only-safe) ------------------------
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device | None = None, gather=None) -> dict:
+    """The RNG states to checkpoint. With a CUDA ``device`` (this rank's), ``"cuda_per_rank"`` holds every
+    rank's generator state of its *own* device, indexed by rank: ``gather`` maps this rank's state tensor
+    to the list over ranks (an all-gather; default: this process alone)."""
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -127,17 +131,26 @@ def rng_state() -> dict:
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        own = torch.cuda.get_rng_state(device)
+        state["cuda_per_rank"] = gather(own) if gather is not None else [own]
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None, rank: int = 0) -> None:
+    """Restore :func:`rng_state`; rank ``rank`` takes its own saved CUDA state onto its ``device``. A
+    rank the checkpoint has no state for (more ranks than when it was written) keeps its seeded state.
+    Only this rank's device is touched, so fewer visible GPUs than at save time are fine."""
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    per_rank = state.get("cuda_per_rank")
+    if device is not None and device.type == "cuda" and per_rank is not None:
+        if rank < len(per_rank):
+            torch.cuda.set_rng_state(per_rank[rank], device)
+        else:
+            logger.warning("checkpoint has CUDA RNG states for %d rank(s); rank %d keeps its seeded state",
+                           len(per_rank), rank)

@@ -344,6 +344,9 @@ class ModelConfig(_Section):
     embedding_initializer: InitializerConfig | None = None
     initializer: InitializerConfig | None = None
     output_layer_initializer: InitializerConfig | None = None
+    #: Model Zoo >= 2.3: FFN input / output initializers (default: ``initializer`` / ``output_layer_initializer``).
+    ffn_initializer: InitializerConfig | None = None
+    ffn_output_layer_initializer: InitializerConfig | None = None
     initializer_range: PositiveFloat = 0.02
     loss_scaling: Literal["batch_size", "num_tokens"] = "num_tokens"
     loss_weight: PositiveFloat = 1.0
@@ -353,6 +356,13 @@ class ModelConfig(_Section):
     output_logits_scale: PositiveFloat | None = None
     embeddings_scale: PositiveFloat = 1.0
     scale_qk_dot_by_d: bool = False
+    # muP as Model Zoo >= 2.3 spells it: widths of the tuned base model, from which the initializer
+    # scaling, the output-logit scale and the learning-rate groups follow (see :meth:`mup_base_form`).
+    mup_base_hidden_size: PositiveFloat | None = None
+    mup_base_filter_size: PositiveFloat | None = None
+    output_logits_alpha: PositiveFloat | None = None
+    scale_output_logits_by_d: bool = True
+    attention_logits_alpha: PositiveFloat = 1.0
     scale_qk_dot_by_layer_idx: bool = False
     pos_scaling_factor: Annotated[float, Field(ge=1.0)] = 1.0
     attention_softmax_fp32: bool = True
@@ -368,11 +378,42 @@ class ModelConfig(_Section):
             raise ValueError("use_position_embedding: False (no position information) is not supported")
         if self.pos_scaling_factor != 1.0 and self.position_embedding_type != "alibi":
             raise ValueError("pos_scaling_factor only applies to position_embedding_type: alibi")
+        if self.mup_base_hidden_size is not None and self.output_logits_scale is not None:
+            raise ValueError("give either output_logits_scale (Model Zoo 2.0-2.2 muP) or mup_base_hidden_size "
+                             "with output_logits_alpha (2.3+), not both: the logit scale would be ambiguous")
+        if self.output_logits_alpha is not None and self.mup_base_hidden_size is None:
+            raise ValueError("output_logits_alpha needs mup_base_hidden_size (it is the muP output multiplier)")
+        if self.attention_logits_alpha != 1.0:
+            raise ValueError("attention_logits_alpha other than 1.0 is not supported: the released BTLM layout "
+                             "has no attention-logit multiplier, so such a model could not be exported")
         if getattr(self, "lora_params", None):
             # Refused rather than ignored: ignoring it would silently train every weight of the model.
             raise ValueError("lora_params: LoRA is not supported by btlm run yet; fine-tune with peft + "
                              "transformers.Trainer instead (docs/finetune.md)")
         return self
+
+    @property
+    def hidden_width_mult(self) -> float:
+        """``hidden_size / mup_base_hidden_size`` (1.0 without muP base sizes)."""
+        return self.hidden_size / self.mup_base_hidden_size if self.mup_base_hidden_size else 1.0
+
+    @property
+    def filter_width_mult(self) -> float:
+        """``filter_size / mup_base_filter_size`` (1.0 without it)."""
+        return self.filter_size / self.mup_base_filter_size if self.mup_base_filter_size else 1.0
+
+    def logits_scale(self) -> float | None:
+        """The factor applied to the LM-head output, or None for none.
+
+        2.0-2.2 spelling: ``output_logits_scale`` as given. 2.3+ spelling (Model Zoo's GPT-2 model):
+        ``output_logits_alpha / m`` with ``m = hidden_size / mup_base_hidden_size``, or ``/ √m`` when
+        ``scale_output_logits_by_d`` is False; alpha defaults to 1.0.
+        """
+        if self.mup_base_hidden_size is None:
+            return self.output_logits_scale
+        alpha = self.output_logits_alpha or 1.0
+        m = self.hidden_width_mult
+        return alpha / m if self.scale_output_logits_by_d else alpha / m**0.5
 
     @property
     def half_dtype(self) -> str:
@@ -466,6 +507,8 @@ class RunConfig(_Section):
     # --- btlm extensions (not in the Model Zoo schema) -----------------------------------------
     #: Data-parallel engine when distributed: DDP (replicated) or FSDP2 (``fully_shard``).
     distributed_strategy: Literal["ddp", "fsdp"] = "ddp"
+    #: How long a collective may wait (minutes), e.g. ranks at a barrier while rank 0 writes a checkpoint.
+    dist_timeout_minutes: PositiveFloat = 60.0
     #: Recompute each block's activations in backward (saves memory for long sequences).
     activation_checkpointing: bool = False
     #: Wrap the model in ``torch.compile`` (worth it on GPU; 0.96–1.03x on the 2-core CPU).
@@ -479,6 +522,37 @@ class RunConfig(_Section):
     allow_unpickle: bool = False
 
 
+#: The learning-rate groups of muP training (Model Zoo >= 2.3 ``lr_adjustment_groups`` of the GPT-2
+#: model): attention q/k/v and output projections, FFN input projection(s), FFN output projection.
+DECODER_LR_GROUPS = ("decoder_attention", "decoder_input_ffn", "decoder_output_ffn")
+
+
+def lr_multipliers(model: ModelConfig | None, optimizer: OptimizerConfig) -> dict[str, float]:
+    """Learning-rate multiplier of each group: the three decoder groups and ``embedding``.
+
+    * 2.0-2.2 spelling: every decoder weight matrix gets ``adjust_learning_rate.decoder_kernel``.
+    * 2.3+ spelling (``mup_base_hidden_size`` / ``mup_base_filter_size``): attention and FFN input get
+      ``1 / (hidden_size / mup_base_hidden_size)``, the FFN output ``1 / (filter_size /
+      mup_base_filter_size)`` (Model Zoo computes them as these reciprocals; we do too, bit for bit).
+      An ``adjust_learning_rate.decoder_kernel`` given as well must agree with all three.
+    * ``embedding``: ``adjust_learning_rate.embedding`` (1.0 if absent) in both spellings.
+    """
+    adjust = optimizer.adjust_learning_rate or {}
+    kernel = adjust.get("decoder_kernel")
+    mults = dict.fromkeys(DECODER_LR_GROUPS, 1.0 if kernel is None else kernel)
+    if model is not None and model.mup_base_hidden_size:
+        mults["decoder_attention"] = mults["decoder_input_ffn"] = 1 / model.hidden_width_mult
+    if model is not None and model.mup_base_filter_size:
+        mults["decoder_output_ffn"] = 1 / model.filter_width_mult
+    if kernel is not None and model is not None and (model.mup_base_hidden_size or model.mup_base_filter_size):
+        for name, value in mults.items():
+            if not math.isclose(value, kernel, rel_tol=1e-9):
+                raise ValueError(f"optimizer.adjust_learning_rate.decoder_kernel {kernel} disagrees with the muP "
+                                 f"base sizes, which give {name} x{value}; drop decoder_kernel or fix the sizes")
+    mults["embedding"] = adjust.get("embedding", 1.0)
+    return mults
+
+
 class Params(_Section):
     """The whole params YAML."""
 
@@ -487,6 +561,12 @@ class Params(_Section):
     model: ModelConfig
     optimizer: OptimizerConfig | None = None
     runconfig: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _mup_consistent(self) -> Params:
+        if self.optimizer is not None:
+            lr_multipliers(self.model, self.optimizer)  # raises when the two muP spellings disagree
+        return self
 
 
 # --------------------------------------------------------------------------------------------------
@@ -540,13 +620,149 @@ def report_extra_keys(params: Params, log: logging.Logger = logger) -> tuple[lis
     return ignored, unknown
 
 
+#: ``trainer.init.precision`` keys → (section, key) of the 2.0-2.1 layout.
+_PRECISION_KEYS = {
+    "enabled": ("model", "mixed_precision"), "fp16_type": ("model", "fp16_type"),
+    "precision_opt_level": ("runconfig", "precision_opt_level"),
+    "loss_scaling_factor": ("optimizer", "loss_scaling_factor"),
+    "initial_loss_scale": ("optimizer", "initial_loss_scale"),
+    "steps_per_increase": ("optimizer", "steps_per_increase"), "min_loss_scale": ("optimizer", "min_loss_scale"),
+    "max_loss_scale": ("optimizer", "max_loss_scale"), "max_gradient_norm": ("optimizer", "max_gradient_norm"),
+    "max_gradient_value": ("optimizer", "max_gradient_value"), "log_loss_scale": None,
+}
+_LOOP_KEYS = {"max_steps": "max_steps", "num_steps": "num_steps", "eval_frequency": "eval_frequency",
+              "eval_steps": "eval_steps"}
+_CHECKPOINT_KEYS = {"steps": "checkpoint_steps", "save_initial_checkpoint": "save_initial_checkpoint",
+                    "disable_strict_checkpoint_loading": "disable_strict_checkpoint_loading",
+                    "autoload_last_checkpoint": "autoload_last_checkpoint", "checkpoint_path": "checkpoint_path"}
+#: Callbacks that only tune Cerebras systems or duplicate what btlm logs anyway (grad/param norms).
+_IGNORED_CALLBACKS = {"ScopedTrainFlags", "ScopedValidateFlags", "ComputeNorm", "GlobalFlags", "DebugArgsPath",
+                      "LogOptimizerParamGroup", "CheckLoss", "RateProfiler", "DurationProfiler", "FlopUtilization"}
+_MODEL_NAMES = {"btlm", "gpt2"}
+
+
+def _one_entry(value: Any, where: str) -> tuple[str, dict]:
+    """``{Name: {kwargs}}`` → (Name, kwargs), the 2.x spelling of a class and its arguments."""
+    if not (isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())) or {}, dict)):
+        raise ValueError(f"{where}: expected one {{ClassName: {{arguments}}}} entry, got {value!r}")
+    name, kwargs = next(iter(value.items()))
+    return name, dict(kwargs or {})
+
+
+def _schedule_from_trainer(value: Any, where: str) -> Any:
+    name, kwargs = _one_entry(value, where)
+    if name == "SequentialLR":
+        stages = kwargs.pop("schedulers", None)
+        if kwargs or not isinstance(stages, list) or not stages:
+            raise ValueError(f"{where}.SequentialLR: expected only a non-empty 'schedulers' list")
+        return [_schedule_from_trainer(s, f"{where}.SequentialLR.schedulers[{i}]") for i, s in enumerate(stages)]
+    return {"scheduler": name, **kwargs}
+
+
+def trainer_to_params(raw: dict, log: logging.Logger = logger) -> dict:
+    """A Model Zoo 2.x ``trainer:`` YAML (BTLM / GPT-2 model) → the 2.0-2.1 sections btlm validates.
+
+    ``init.model`` → ``model`` (``name`` must be btlm or gpt2); ``init.optimizer: {AdamW: {…}}`` →
+    ``optimizer`` with ``optimizer_type``; ``init.schedulers: [SequentialLR: {schedulers: [LinearLR…]}]``
+    → ``optimizer.learning_rate`` (a list of stages); ``init.precision`` → ``model.mixed_precision`` /
+    ``fp16_type`` and the optimizer's loss-scaling / clipping keys; ``init.loop`` and ``init.checkpoint``
+    → ``runconfig`` (``steps`` → ``checkpoint_steps``); ``init.seed`` and ``init.logging.log_steps`` →
+    ``runconfig``; ``fit.train_dataloader`` / ``fit.val_dataloader`` (else ``validate.val_dataloader``)
+    → ``train_input`` / ``eval_input``. ``init.backend`` and the Cerebras-only callbacks are ignored
+    (one log line); any other key raises ``ValueError`` naming it.
+    """
+    trainer = raw.get("trainer")
+    extra = sorted(set(raw) - {"trainer"})
+    if extra:
+        raise ValueError(f"{extra[0]}: a trainer: YAML has only the top-level key 'trainer'")
+    if isinstance(trainer, list):
+        if len(trainer) != 1:
+            raise ValueError("trainer: a list of several trainers (multi-phase runs) is not supported")
+        trainer = trainer[0].get("trainer") if isinstance(trainer[0], dict) else None
+    if not isinstance(trainer, dict):
+        raise ValueError("trainer: expected a mapping with init / fit / validate sections")
+    out: dict[str, Any] = {"runconfig": {}}
+    ignored: list[str] = []
+    for key in set(trainer) - {"init", "fit", "validate", "validate_all"}:
+        raise ValueError(f"trainer.{key}: not a known trainer section (expected init, fit, validate, validate_all)")
+    init = dict(trainer.get("init") or {})
+    model = dict(init.pop("model", None) or {})
+    name = model.pop("name", "gpt2")
+    if str(name).lower() not in _MODEL_NAMES:
+        raise ValueError(f"trainer.init.model.name: {name!r} is not supported "
+                         f"(btlm reads the {sorted(_MODEL_NAMES)} family)")
+    out["model"] = model
+    if "optimizer" in init:
+        opt_name, opt = _one_entry(init.pop("optimizer"), "trainer.init.optimizer")
+        out["optimizer"] = {"optimizer_type": opt_name, **opt}
+    if "schedulers" in init:
+        scheds = init.pop("schedulers")
+        if not isinstance(scheds, list) or len(scheds) != 1:
+            raise ValueError("trainer.init.schedulers: expected a list with one scheduler (several schedulers "
+                             "for different parameter groups are not supported)")
+        if "optimizer" not in out:
+            raise ValueError("trainer.init.schedulers: given without trainer.init.optimizer")
+        out["optimizer"]["learning_rate"] = _schedule_from_trainer(scheds[0], "trainer.init.schedulers[0]")
+    for key, value in (init.pop("precision", None) or {}).items():
+        if key not in _PRECISION_KEYS:
+            raise ValueError(f"trainer.init.precision.{key}: not a known precision key")
+        target = _PRECISION_KEYS[key]
+        if target is None:
+            ignored.append(f"precision.{key}")
+            continue
+        out.setdefault(target[0], {})[target[1]] = value
+    for section, mapping in (("loop", _LOOP_KEYS), ("checkpoint", _CHECKPOINT_KEYS)):
+        for key, value in (init.pop(section, None) or {}).items():
+            if key not in mapping:
+                raise ValueError(f"trainer.init.{section}.{key}: not supported (known: {sorted(mapping)})")
+            out["runconfig"][mapping[key]] = value
+    for key, value in (init.pop("logging", None) or {}).items():
+        if key not in ("log_steps", "log_level"):
+            raise ValueError(f"trainer.init.logging.{key}: not supported (known: log_steps, log_level)")
+        out["runconfig"]["log_steps" if key == "log_steps" else "logging"] = value
+    if "seed" in init:
+        out["runconfig"]["seed"] = init.pop("seed")
+    if "backend" in init:
+        init.pop("backend")
+        ignored.append("backend")
+    for i, cb in enumerate(init.pop("callbacks", None) or []):
+        cb_name = next(iter(cb)) if isinstance(cb, dict) and len(cb) == 1 else cb
+        if cb_name not in _IGNORED_CALLBACKS:
+            raise ValueError(f"trainer.init.callbacks[{i}]: callback {cb_name!r} is not supported")
+        ignored.append(f"callbacks.{cb_name}")
+    for key in init:
+        raise ValueError(f"trainer.init.{key}: not supported by btlm run")
+    fit = dict(trainer.get("fit") or {})
+    validate = dict(trainer.get("validate") or {})
+    # validate_all names the same eval data (its checkpoints come from btlm run --mode eval_all).
+    if "train_dataloader" in fit:
+        out["train_input"] = fit.pop("train_dataloader")
+    val = fit.pop("val_dataloader", None) or validate.pop("val_dataloader", None)
+    if isinstance(val, list):
+        if len(val) != 1:
+            raise ValueError("trainer.fit.val_dataloader: several validation dataloaders are not supported")
+        val = val[0]
+    if val is not None:
+        out["eval_input"] = val
+    for key in fit:
+        raise ValueError(f"trainer.fit.{key}: not supported (known: train_dataloader, val_dataloader)")
+    if ignored:
+        log.info("Ignoring Cerebras-only trainer keys: %s", ", ".join(f"trainer.init.{k}" for k in ignored))
+    return out
+
+
 def parse_params(raw: dict, source: str = "<params>") -> Params:
-    """Validate an already-loaded params dict; raises :class:`ConfigError` naming the bad key."""
+    """Validate an already-loaded params dict; raises :class:`ConfigError` naming the bad key.
+
+    A Model Zoo 2.x ``trainer:`` YAML is first mapped to the 2.0-2.1 sections (:func:`trainer_to_params`).
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping with sections model/optimizer/runconfig, got {type(raw).__name__}")
     if "trainer" in raw:
-        raise ConfigError(f"{source}: the 'trainer:' layout (Model Zoo >= 2.4) is not supported; "
-                          "use the Release 2.0-2.1 sections train_input/eval_input/model/optimizer/runconfig")
+        try:
+            raw = trainer_to_params(raw)
+        except ValueError as err:
+            raise ConfigError(f"{source}: {err}") from None
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
@@ -554,7 +770,8 @@ def parse_params(raw: dict, source: str = "<params>") -> Params:
 
 
 def load_params(path: str | Path) -> tuple[Params, dict]:
-    """Read and validate a params YAML; returns the validated object and the raw dict."""
+    """Read and validate a params YAML; returns the validated object and the raw dict (for a 2.x
+    ``trainer:`` YAML: its mapping to the 2.0-2.1 sections)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -564,4 +781,10 @@ def load_params(path: str | Path) -> tuple[Params, dict]:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if isinstance(raw, dict) and "trainer" in raw:
+        # The raw dict handed on (CLI overrides, the run's params copy, checkpoints) is the mapped one.
+        try:
+            raw = trainer_to_params(raw)
+        except ValueError as err:
+            raise ConfigError(f"{path}: {err}") from None
     return parse_params(raw, str(path)), raw

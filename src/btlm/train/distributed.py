@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -68,8 +69,16 @@ def relaunch_with_torchrun(argv: list[str], nproc: int) -> int:
     return subprocess.call(cmd)
 
 
-def init_distributed(target_device: str, backend: str | None, init_method: str, strategy: str) -> DistEnv:
-    """Join the process group when launched by torchrun; pick this rank's device."""
+#: Process-group timeout: collectives may wait this long, e.g. ranks at a barrier while rank 0 writes a
+#: checkpoint of tens of GB (NCCL's default watchdog, 10 minutes, would abort the run).
+DEFAULT_TIMEOUT_MINUTES = 60.0
+
+
+def init_distributed(target_device: str, backend: str | None, init_method: str, strategy: str,
+                     timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistEnv:
+    """Join the process group when launched by torchrun; pick this rank's device.
+
+    ``timeout_minutes`` bounds every collective's wait (``runconfig.dist_timeout_minutes``)."""
     use_cuda = target_device == "GPU"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("target device GPU requested but torch.cuda.is_available() is False")
@@ -80,24 +89,31 @@ def init_distributed(target_device: str, backend: str | None, init_method: str, 
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), init_method=init_method)
+        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), init_method=init_method,
+                                timeout=timedelta(minutes=timeout_minutes))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                    device=device, strategy=strategy)
 
 
-def wrap_model(model: nn.Module, env: DistEnv) -> nn.Module:
-    """DDP, or FSDP2 with each decoder block and then the root sharded (the documented recipe)."""
+def wrap_model(model: nn.Module, env: DistEnv, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """DDP, or FSDP2 with each decoder block and then the root sharded (the documented recipe).
+
+    ``param_dtype`` is the run's autocast dtype (None: fp32): FSDP2 then all-gathers parameters in it and
+    reduces gradients in fp32, instead of all-gathering fp32 weights that autocast casts down anyway."""
     if env.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     if env.strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        kwargs = {}
+        if param_dtype is not None:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for block in model.transformer.h:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
     return model
 
 
@@ -112,6 +128,17 @@ def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= env.world_size
     return value
+
+
+def all_gather_tensor(t: torch.Tensor, env: DistEnv) -> list[torch.Tensor]:
+    """``t`` from every rank (same shape everywhere), as CPU tensors indexed by rank. The exchange goes
+    through this rank's device, since NCCL only moves device tensors."""
+    if env.world_size == 1:
+        return [t.cpu()]
+    local = t.to(env.device)
+    out = [torch.empty_like(local) for _ in range(env.world_size)]
+    dist.all_gather(out, local)
+    return [x.cpu() for x in out]
 
 
 def barrier(env: DistEnv) -> None:

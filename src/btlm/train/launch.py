@@ -71,7 +71,8 @@ def run(params_path: str, target_device: str, mode: str, overrides: dict, argv: 
     lock = (model_dir_lock(model_dir) if mode in TRAIN_MODES and os.environ.get("RANK", "0") == "0"
             else contextlib.nullcontext())
     with lock:
-        env = D.init_distributed(target_device, rc.dist_backend, rc.init_method, rc.distributed_strategy)
+        env = D.init_distributed(target_device, rc.dist_backend, rc.init_method, rc.distributed_strategy,
+                                 rc.dist_timeout_minutes)
         try:
             runner = Runner(params, raw, rc.model_dir, target_device, env, progress=progress)
             if mode == "train":

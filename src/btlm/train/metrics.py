@@ -17,37 +17,40 @@ class LMEvalMetrics:
     """
 
     def __init__(self) -> None:
-        self.correct = 0.0
-        self.tokens = 0.0
-        self.ce_sum = 0.0
-        self.loss_sum = 0.0
-        self.batches = 0
+        # [correct, tokens, ce_sum, loss_sum, batches] in float64 on the logits' device: no host sync per
+        # batch, and the tensor can go to the collective as is (NCCL refuses CPU tensors).
+        self.sums: torch.Tensor | None = None
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, loss: torch.Tensor) -> None:
         mask = loss_mask.to(torch.float64)
         counted = (loss_mask > 0).to(torch.float64)
         preds = logits.argmax(-1)
-        self.correct += float(((preds == labels.long()).to(torch.float64) * counted).sum())
-        self.tokens += float(counted.sum())
         ce = F.cross_entropy(logits.float().flatten(0, 1), labels.long().flatten(), reduction="none")
-        self.ce_sum += float((ce.to(torch.float64) * mask.flatten()).sum())
-        self.loss_sum += float(loss)
-        self.batches += 1
+        batch = torch.stack([
+            ((preds == labels.long()).to(torch.float64) * counted).sum(),
+            counted.sum(),
+            (ce.to(torch.float64) * mask.flatten()).sum(),
+            loss.detach().to(torch.float64).reshape(()),
+            torch.ones((), dtype=torch.float64, device=logits.device),
+        ])
+        self.sums = batch if self.sums is None else self.sums + batch
 
     def reduce(self, all_reduce_sum=None) -> None:
-        """Sum the accumulators over data-parallel ranks (``all_reduce_sum`` maps a tensor to its sum)."""
-        if all_reduce_sum is None:
+        """Sum the accumulators over data-parallel ranks (``all_reduce_sum`` maps a tensor to its sum).
+
+        The tensor handed over lives on the device the metrics were computed on (the model's)."""
+        if all_reduce_sum is None or self.sums is None:
             return
-        t = torch.tensor([self.correct, self.tokens, self.ce_sum, self.loss_sum, self.batches], dtype=torch.float64)
-        self.correct, self.tokens, self.ce_sum, self.loss_sum, self.batches = all_reduce_sum(t).tolist()
+        self.sums = all_reduce_sum(self.sums)
 
     def compute(self) -> dict[str, float]:
-        if not self.batches:
+        if self.sums is None:
             raise ValueError("no eval batches were processed")
-        tokens = max(self.tokens, 1.0)
+        correct, tokens, ce_sum, loss_sum, batches = self.sums.tolist()  # the one host sync
+        tokens = max(tokens, 1.0)
         return {
-            "loss": self.loss_sum / self.batches,
-            "eval/lm_perplexity": math.exp(self.ce_sum / tokens),
-            "eval/accuracy": self.correct / tokens,
+            "loss": loss_sum / batches,
+            "eval/lm_perplexity": math.exp(ce_sum / tokens),
+            "eval/accuracy": correct / tokens,
         }

@@ -6,6 +6,19 @@ Name mapping (spec §6.3, the Cerebras HF↔CS converter): ``hidden_size→n_emb
 ``embeddings_scale→mup_embeddings_scale``, ``scale_qk_dot_by_d→mup_scale_qk_dot_by_d``,
 ``mup_width_scale = optimizer.adjust_learning_rate.decoder_kernel`` and
 ``mup_output_alpha = output_logits_scale / mup_width_scale`` (so the logits scale is exactly the YAML's).
+
+muP has two spellings in Model Zoo params, both accepted:
+
+* Release 2.0-2.2: initializers already scaled for the width, ``output_logits_scale`` (the final
+  factor, e.g. 0.222) and ``optimizer.adjust_learning_rate.decoder_kernel`` (e.g. 0.1).
+* Release 2.3+: ``mup_base_hidden_size`` / ``mup_base_filter_size`` with initializers at the *base*
+  std and ``output_logits_alpha``. With ``m = hidden_size / mup_base_hidden_size`` and
+  ``mf = filter_size / mup_base_filter_size``: attention and FFN-input stds × m^-1/2, attention output
+  std × m^-1/2·(2L)^-1/2, FFN output std × mf^-1/2·(2L)^-1/2 (truncation bounds scaled alike); logits ×
+  ``output_logits_alpha / m`` (``/ √m`` if ``scale_output_logits_by_d`` is False); learning rates of
+  attention and FFN input × 1/m, of the FFN output × 1/mf (see ``config.lr_multipliers``).
+  For the HF config: ``mup_width_scale = 1/m`` and ``mup_output_alpha = logits scale / mup_width_scale``,
+  so an exported model's logits equal the training model's (Cerebras' own converter drops this scale).
 """
 
 from __future__ import annotations
@@ -14,15 +27,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import InitializerConfig, ModelConfig, OptimizerConfig
+from .config import InitializerConfig, ModelConfig, OptimizerConfig, lr_multipliers
+
+
+def mup_width_scale(model: ModelConfig, optimizer: OptimizerConfig | None = None) -> float:
+    """The HF ``mup_width_scale``: the attention learning-rate multiplier (1/m, or ``decoder_kernel``)."""
+    if optimizer is not None:
+        return lr_multipliers(model, optimizer)["decoder_attention"]
+    return 1 / model.hidden_width_mult
 
 
 def btlm_config_from_params(model: ModelConfig, optimizer: OptimizerConfig | None = None, **overrides):
     """The HF :class:`BTLMConfig` described by a Model Zoo ``model`` section."""
     from btlm.model import BTLMConfig
 
-    width = ((optimizer.adjust_learning_rate or {}).get("decoder_kernel", 1.0) if optimizer else 1.0)
-    logits_scale = model.output_logits_scale if model.output_logits_scale is not None else width
+    width = mup_width_scale(model, optimizer)
+    scale = model.logits_scale()
+    # No logit scale in the params means none in the model (Model Zoo multiplies only when one is set).
+    logits_scale = 1.0 if scale is None else scale
     init_std = model.embedding_initializer.std if model.embedding_initializer else model.initializer_range
     kwargs = dict(
         vocab_size=model.vocab_size,
@@ -69,30 +91,71 @@ def _apply_initializer(tensor: torch.Tensor, init: InitializerConfig) -> None:
             nn.init.constant_(tensor, init.val)
 
 
-def initialize_weights(model: nn.Module, cfg: ModelConfig) -> None:
-    """Re-initialise ``model`` with the YAML's initializers (Model Zoo rules, spec §2.2).
+def scale_initializer(init: InitializerConfig, factor: float) -> InitializerConfig:
+    """Model Zoo's ``scale_initializers_by_dimension``: std and the truncation bounds × factor."""
+    if init.name not in ("normal", "truncated_normal"):
+        return init
+    if init.name == "normal":
+        return init.model_copy(update={"std": init.std * factor})
+    lo, hi = init.bounds()
+    return init.model_copy(update={"std": init.std * factor, "a": lo * factor, "b": hi * factor})
 
-    ``embedding_initializer`` → token (and learned position) embeddings; ``initializer`` → q/k/v and
-    both FFN input projections; ``output_layer_initializer`` → attention output and FFN output
-    projections. Without them: N(0, initializer_range) and ``initializer_range/√(2L)`` for outputs,
-    truncated at ±2σ. Biases 0, LayerNorm 1/0. Model Zoo leaves ``linear_layer_for_glu.bias`` at torch's
-    uniform default (a quirk, spec §7.3); we zero it like every other bias (documented choice).
+
+def effective_initializers(cfg: ModelConfig) -> dict[str, InitializerConfig]:
+    """The initializer of each weight kind: ``embedding``, ``attention`` (q/k/v), ``attention_output``,
+    ``ffn`` (FFN input projections) and ``ffn_output``, after muP scaling.
+
+    Without muP base sizes (2.0-2.2 spelling) the YAML's initializers are used as given; defaults are
+    ``trunc_normal(initializer_range)`` and ``initializer_range/√(2L)`` for the output projections.
+    With ``mup_base_hidden_size`` (2.3+) the YAML's stds are the base model's and are scaled as in
+    Model Zoo's GPT-2 model; the output defaults are then *unscaled* ``initializer_range`` (depth
+    scaling comes with the muP factor), and — as there — the FFN output keeps the unscaled
+    ``output_layer_initializer`` when ``mup_base_filter_size`` is absent.
     """
     rng = cfg.initializer_range
     default = InitializerConfig(name="truncated_normal", std=rng)
-    hidden = cfg.initializer or default
-    output = cfg.output_layer_initializer or InitializerConfig(
-        name="truncated_normal", std=rng / (2 * cfg.num_hidden_layers) ** 0.5)
-    embedding = cfg.embedding_initializer or default
+    mup = cfg.mup_base_hidden_size is not None
+    attention = cfg.initializer or default
+    output = cfg.output_layer_initializer or (
+        default if mup else InitializerConfig(name="truncated_normal", std=rng / (2 * cfg.num_hidden_layers) ** 0.5))
+    ffn = cfg.ffn_initializer or attention
+    ffn_output = cfg.ffn_output_layer_initializer or output
+    depth = (2 * cfg.num_hidden_layers) ** -0.5
+    if mup:
+        m = cfg.hidden_width_mult
+        attention, ffn = scale_initializer(attention, m**-0.5), scale_initializer(ffn, m**-0.5)
+        output = scale_initializer(output, m**-0.5 * depth)
+    if cfg.mup_base_filter_size is not None:
+        ffn_output = scale_initializer(ffn_output, cfg.filter_width_mult**-0.5 * depth)
+    return {"embedding": cfg.embedding_initializer or default, "attention": attention,
+            "attention_output": output, "ffn": ffn, "ffn_output": ffn_output}
+
+
+def initialize_weights(model: nn.Module, cfg: ModelConfig) -> None:
+    """Re-initialise ``model`` with the YAML's initializers (Model Zoo rules, spec §2.2).
+
+    ``embedding_initializer`` → token (and learned position) embeddings; ``initializer`` → q/k/v (and
+    both FFN input projections unless ``ffn_initializer``); ``output_layer_initializer`` → attention
+    output (and FFN output unless ``ffn_output_layer_initializer``); muP scaling per
+    :func:`effective_initializers`. Biases 0, LayerNorm 1/0. Model Zoo leaves
+    ``linear_layer_for_glu.bias`` at torch's uniform default (a quirk, spec §7.3); we zero it like
+    every other bias (documented choice).
+    """
+    inits = effective_initializers(cfg)
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
-            _apply_initializer(module.weight, embedding)
+            _apply_initializer(module.weight, inits["embedding"])
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
         elif hasattr(module, "weight") and module.weight is not None and name.startswith("transformer.h."):
-            is_output = name.endswith("attn.c_proj") or name.endswith("mlp.c_proj")
-            _apply_initializer(module.weight, output if is_output else hidden)
+            if name.endswith("attn.c_proj"):
+                kind = "attention_output"
+            elif name.endswith("mlp.c_proj"):
+                kind = "ffn_output"
+            else:
+                kind = "ffn" if ".mlp." in name else "attention"
+            _apply_initializer(module.weight, inits[kind])
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 

@@ -3,7 +3,10 @@
 * Parameter groups (spec §2.3): no weight decay for biases and normalisation layers; learning-rate
   multipliers from ``optimizer.adjust_learning_rate`` — ``decoder_kernel`` scales every weight matrix
   inside the decoder blocks (muP: ``lr x mup_width_scale``), ``embedding`` the token embedding (tied to
-  the output layer). The frozen ALiBi slopes are never optimised.
+  the output layer) — or from the muP base sizes of the Model Zoo 2.3+ spelling, which give three
+  decoder groups (attention, FFN input, FFN output; ``config.lr_multipliers``). When the three
+  multipliers are equal they form the one ``decoder_kernel`` group of the older spelling, so both
+  spellings of the same muP config give the same groups. The frozen ALiBi slopes are never optimised.
 * :class:`AdamW` follows cstorch / HF-AdamW: eps is added to ``sqrt(v)`` *before* the bias correction,
   ``correct_bias`` can switch the correction off, and the decay is decoupled and scaled by the group lr.
 * Optimizer state never depends on when checkpoints are written: :func:`init_optimizer_state`
@@ -22,7 +25,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import OptimizerConfig
+from .config import DECODER_LR_GROUPS, ModelConfig, OptimizerConfig, lr_multipliers
 
 _POWERS = ("beta1_power", "beta2_power")
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
@@ -37,8 +40,9 @@ def _is_frozen(name: str, param: nn.Parameter) -> bool:
 def classify_parameters(model: nn.Module) -> dict[str, tuple[str, nn.Parameter]]:
     """Map each trainable parameter name to ``(kind, param)``.
 
-    kind is ``"decoder_kernel"`` (weights of the linear layers in the decoder blocks),
-    ``"embedding"`` (token / position embedding weights) or ``"no_decay"`` (biases and norm layers).
+    kind is one of the decoder weight-matrix groups — ``"decoder_attention"`` (q/k/v and output
+    projection), ``"decoder_input_ffn"`` (``c_fc``, ``c_fc2``), ``"decoder_output_ffn"`` (``mlp.c_proj``)
+    — or ``"embedding"`` (token / position embedding weights) or ``"no_decay"`` (biases and norm layers).
     Tied parameters appear once (under their first name, ``transformer.wte.weight``).
     """
     kinds: dict[str, tuple[str, nn.Parameter]] = {}
@@ -53,25 +57,34 @@ def classify_parameters(model: nn.Module) -> dict[str, tuple[str, nn.Parameter]]
                 kind = "no_decay"
             elif isinstance(module, nn.Embedding):
                 kind = "embedding"
-            elif isinstance(module, (Conv1D, nn.Linear)):
-                kind = "decoder_kernel"
+            elif isinstance(module, (Conv1D, nn.Linear)) and ".attn." in f".{mod_name}.":
+                kind = "decoder_attention"
+            elif isinstance(module, (Conv1D, nn.Linear)) and mod_name.endswith("mlp.c_proj"):
+                kind = "decoder_output_ffn"
+            elif isinstance(module, (Conv1D, nn.Linear)) and ".mlp." in f".{mod_name}":
+                kind = "decoder_input_ffn"
             else:
                 raise ValueError(f"parameter {name} ({type(module).__name__}) has no optimizer group rule")
             kinds[name] = (kind, param)
     return kinds
 
 
-def build_param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
-    """Optimizer param groups: ``{name, params, weight_decay, adjust_learning_rate}``; empty ones dropped."""
-    adjust = cfg.adjust_learning_rate or {}
-    groups = {
-        "decoder_kernel": {"weight_decay": cfg.weight_decay, "adjust_learning_rate": adjust.get("decoder_kernel", 1.0)},
-        "embedding": {"weight_decay": cfg.weight_decay, "adjust_learning_rate": adjust.get("embedding", 1.0)},
-        "no_decay": {"weight_decay": 0.0, "adjust_learning_rate": 1.0},
-    }
+def build_param_groups(model: nn.Module, cfg: OptimizerConfig, model_cfg: ModelConfig | None = None) -> list[dict]:
+    """Optimizer param groups: ``{name, params, weight_decay, adjust_learning_rate}``; empty ones dropped.
+
+    ``model_cfg`` supplies the muP base sizes of the 2.3+ spelling (without it only
+    ``adjust_learning_rate`` counts). The decoder groups are merged into ``decoder_kernel`` when their
+    multipliers are equal (always so in the 2.0-2.2 spelling).
+    """
+    mults = lr_multipliers(model_cfg, cfg)
+    merged = len({mults[k] for k in DECODER_LR_GROUPS}) == 1
+    decoder = {"decoder_kernel": mults["decoder_attention"]} if merged else {k: mults[k] for k in DECODER_LR_GROUPS}
+    groups = {name: {"weight_decay": cfg.weight_decay, "adjust_learning_rate": m} for name, m in decoder.items()}
+    groups["embedding"] = {"weight_decay": cfg.weight_decay, "adjust_learning_rate": mults["embedding"]}
+    groups["no_decay"] = {"weight_decay": 0.0, "adjust_learning_rate": 1.0}
     members: dict[str, list] = {k: [] for k in groups}
     for kind, param in classify_parameters(model).values():
-        members[kind].append(param)
+        members["decoder_kernel" if merged and kind in DECODER_LR_GROUPS else kind].append(param)
     return [{"name": k, "params": members[k], **groups[k]} for k in groups if members[k]]
 
 
@@ -153,9 +166,10 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, model_cfg: ModelConfig | None = None
+                    ) -> torch.optim.Optimizer:
     """The optimizer named by ``optimizer_type`` over :func:`build_param_groups`."""
-    groups = build_param_groups(model, cfg)
+    groups = build_param_groups(model, cfg, model_cfg)
     kind = cfg.optimizer_type.lower()
     if kind == "adamw":
         return AdamW(groups, lr=0.0, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,

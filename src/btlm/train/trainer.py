@@ -21,6 +21,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+
 from . import checkpoint as ckpt
 from . import distributed as D
 from .config import InputConfig, Params
@@ -49,6 +50,29 @@ def make_dataloader(cfg: InputConfig, env: D.DistEnv):
     # Unknown keys were already reported by the params check; pass only what the loader knows.
     params = {k: v for k, v in cfg.model_dump(exclude_none=True).items() if k in KNOWN_KEYS | IGNORED_KEYS}
     return GptHDF5MapDataProcessor(params, rank=env.rank, world_size=env.world_size).create_dataloader()
+
+
+class FixedLossScaler(torch.amp.GradScaler):
+    """A constant fp16 loss scale (a numeric ``loss_scaling_factor``): like dynamic scaling, a step whose
+    gradients overflow is skipped, but the scale never changes. (``GradScaler`` itself refuses
+    ``growth_factor=1.0``, so the scale is pinned at each ``update`` instead.)"""
+
+    def __init__(self, device: str, scale: float):
+        super().__init__(device, init_scale=scale)
+        self.fixed_scale = float(scale)
+
+    def update(self, new_scale=None) -> None:
+        super().update(self.fixed_scale if new_scale is None else new_scale)
+
+
+def make_grad_scaler(opt, device_type: str) -> torch.amp.GradScaler:
+    """The fp16 gradient scaler for an ``optimizer`` section: ``loss_scaling_factor: dynamic`` (or null)
+    grows ×2 every ``steps_per_increase`` clean steps from ``initial_loss_scale`` (default 2^16) and halves
+    on overflow; a number is a fixed scale (``initial_loss_scale``, when set, takes precedence)."""
+    if opt.loss_scaling_factor in ("dynamic", None):
+        return torch.amp.GradScaler(device_type, init_scale=opt.initial_loss_scale or 2.0**16, growth_factor=2.0,
+                                    backoff_factor=0.5, growth_interval=opt.steps_per_increase)
+    return FixedLossScaler(device_type, opt.initial_loss_scale or float(opt.loss_scaling_factor))
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
@@ -131,10 +155,12 @@ class Runner:
         m = self.params.model
         if not m.mixed_precision:
             return None
-        if self.env.device.type == "cpu":
-            logger.info("mixed_precision ignored on CPU: training in fp32 (bf16 matmuls are 6-30x slower on "
-                        "CPUs without AVX512-BF16/AMX)")
-            return None
+        if self.env.device.type == "cpu":  # bf16 only where this CPU runs it faster (btlm.precision)
+            from btlm.precision import choose_cpu_dtype
+
+            choice = choose_cpu_dtype()
+            logger.info("mixed_precision on CPU: %s autocast, %s", choice.name, choice.reason)
+            return torch.bfloat16 if choice.dtype == torch.bfloat16 else None
         if m.fp16_type == "cbfloat16":
             logger.warning("fp16_type cbfloat16 is a Cerebras format; using bfloat16")
         return {"bfloat16": torch.bfloat16, "float16": torch.float16}[m.half_dtype]
@@ -173,7 +199,7 @@ class Runner:
         model.to(self.env.device)
         if self.rc.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model = D.wrap_model(model, self.env)
+        model = D.wrap_model(model, self.env, param_dtype=self.autocast_dtype)
         if self.rc.compile:
             model.compile()
         return model
@@ -191,6 +217,7 @@ class Runner:
                                 f"max_position_embeddings {limit}")
 
     def _forward_loss(self, model, batch):
+        # Checked here, on the CPU batch: the model does not read ids back from an accelerator (a sync).
         ids = batch["input_ids"]
         vocab = self.params.model.vocab_size
         if int(ids.max()) >= vocab or int(ids.min()) < 0:  # the embedding lookup would fail with an index error
@@ -255,7 +282,7 @@ class Runner:
         extra = {
             "lr_scheduler": scheduler.state_dict(),
             "global_step": step,
-            "rng": ckpt.rng_state(),
+            "rng": ckpt.rng_state(self.env.device, gather=lambda t: D.all_gather_tensor(t, self.env)),
             "__metadata__": [{"format_version": ckpt.FORMAT_VERSION, "model_name": "BTLMLMHeadModel",
                               "params": self.raw}],
         }
@@ -317,15 +344,11 @@ class Runner:
         loader = make_dataloader(p.train_input, env)  # before the model: bad data fails before any compute
         self._check_data(loader, p.train_input)
         model = self._build_model()
-        optimizer = build_optimizer(D.unwrap(model), p.optimizer)
+        optimizer = build_optimizer(D.unwrap(model), p.optimizer, p.model)
         scheduler = ScheduledLR(optimizer, p.optimizer.schedule())
         scaler = None
         if self.autocast_dtype == torch.float16:
-            dynamic = p.optimizer.loss_scaling_factor in ("dynamic", None)
-            init = p.optimizer.initial_loss_scale or (2.0**16 if dynamic else float(p.optimizer.loss_scaling_factor))
-            scaler = torch.amp.GradScaler("cuda", init_scale=init, growth_interval=p.optimizer.steps_per_increase,
-                                          enabled=True, growth_factor=2.0 if dynamic else 1.0,
-                                          backoff_factor=0.5 if dynamic else 1.0)
+            scaler = make_grad_scaler(p.optimizer, env.device.type)
 
         global_step = 0
         last_ckpt = self._resolve_checkpoint()
@@ -334,7 +357,7 @@ class Runner:
             logger.info("Loading checkpoint %s (states: %s)", last_ckpt, ", ".join(sorted(states)))
             state = self._read_checkpoint(last_ckpt, model, optimizer if "optimizer" in states else None)
             if "optimizer" not in states:  # weights only: fresh optimizer state
-                optimizer = build_optimizer(D.unwrap(model), p.optimizer)
+                optimizer = build_optimizer(D.unwrap(model), p.optimizer, p.model)
                 scheduler = ScheduledLR(optimizer, p.optimizer.schedule())
             if "global_step" in states:
                 global_step = int(state.get("global_step", 0))
@@ -351,7 +374,7 @@ class Runner:
             if "grad_scaler" in states and scaler is not None and "grad_scaler" in state:
                 scaler.load_state_dict(state["grad_scaler"])
             if "rng" in state and "global_step" in states:
-                ckpt.set_rng_state(state["rng"])
+                ckpt.set_rng_state(state["rng"], env.device, env.rank)
         elif rc.checkpoint_path is None:
             logger.info("No checkpoint in %s: training from a fresh initialisation", self.model_dir)
 
