@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from btlm.errors import UsageError
+from btlm.errors import BTLMError, UsageError
 from btlm.io import ModelLoadError, load_model, parse_dtype, read_config, resolve_tokenizer, save_model
 from btlm.model import BTLMLMHeadModel, config_from_preset
 
@@ -46,6 +46,15 @@ def choose_device(path: str | os.PathLike, device: str | None = None) -> str:
     return str(resolve_device(device, path))
 
 
+def check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    """One clear error, before any compute, when the prompt plus the new tokens exceed ``n_positions``."""
+    limit = getattr(model.config, "n_positions", None)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise BTLMError(f"prompt ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} is longer than "
+                        f"n_positions={limit}; to generate past the trained length raise it with --n-positions N "
+                        "--alibi-scaling dynamic")
+
+
 def generate_text(model, tokenizer, prompt: str, stream: bool = False, **gen_kwargs) -> str:
     """Generate a continuation of ``prompt``; with ``stream`` the text is printed as it is produced."""
     from transformers import TextStreamer
@@ -54,6 +63,7 @@ def generate_text(model, tokenizer, prompt: str, stream: bool = False, **gen_kwa
         raise UsageError("--prompt is empty: give the text to continue, e.g. --prompt 'Hello'")
     check_generation_args(**gen_kwargs)
     inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    check_length(model, inputs["input_ids"].shape[1], gen_kwargs.get("max_new_tokens", 20))
     streamer = TextStreamer(tokenizer, skip_special_tokens=True) if stream else None
     if gen_kwargs.get("num_beams", 1) > 1:
         streamer = None  # beam search has no single stream to print
@@ -77,6 +87,7 @@ def generate_batch(model, tokenizer, prompts: list[str], batch_size: int = 8, **
     out = []
     for i in range(0, len(prompts), batch_size):
         batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(model.device)
+        check_length(model, batch["input_ids"].shape[1], gen_kwargs.get("max_new_tokens", 20))
         ids = model.generate(**batch, **gen_kwargs)
         out += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return out
@@ -90,10 +101,10 @@ def read_prompts(path: str) -> list[str]:
         try:
             lines = Path(path).read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
-            raise UsageError(f"prompt file {path} does not exist") from None
+            raise BTLMError(f"prompt file {path} does not exist") from None
     prompts = [line for line in lines if line.strip()]
     if not prompts:
-        raise UsageError(f"no prompts in {'standard input' if path == '-' else path} (one prompt per line)")
+        raise BTLMError(f"no prompts in {'standard input' if path == '-' else path} (one prompt per line)")
     return prompts
 
 

@@ -23,11 +23,11 @@ VARIANTS = {"int4-g128": ["--bits", "4", "--group-size", "128"],
 
 
 def quantize(fp_dir: str, out_root: str) -> dict:
-    from btlm.quant import cli
+    from btlm import cli
 
     for name, args in VARIANTS.items():
         with contextlib.redirect_stdout(io.StringIO()):
-            rc = cli.main(["--model", fp_dir, *args, "--out", f"{out_root}/{name}"])
+            rc = cli.main(["quantize", "--model", fp_dir, *args, "--out", f"{out_root}/{name}"])
         if rc != 0:
             raise SystemExit(f"btlm quantize {args} exited {rc}")
     return {}
