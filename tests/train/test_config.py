@@ -134,3 +134,12 @@ def test_unreadable_and_malformed_files(tmp_path):
     (tmp_path / "new.yaml").write_text("trainer:\n  init: {profiler: 1}\n")
     with pytest.raises(ConfigError, match="new.yaml: trainer.init.profiler: not supported"):
         load_params(tmp_path / "new.yaml")
+
+
+def test_lora_params_are_refused_not_ignored():
+    """A Model Zoo LoRA config must not silently become a full fine-tune."""
+    raw = copy.deepcopy(TINY)
+    raw["train_input"]["data_dir"] = raw["eval_input"]["data_dir"] = "x"
+    raw["model"]["lora_params"] = {"r": 8, "alpha": 16, "target_modules": ["c_attn"]}
+    with pytest.raises(ConfigError, match=r"model: .*lora_params: LoRA is not supported by btlm run yet"):
+        parse_params(raw)

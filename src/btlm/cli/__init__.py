@@ -23,7 +23,7 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "init": Command("btlm.cli.model", "write a randomly initialised BTLM (+ tokenizer) in the released HF layout"),
     "generate": Command("btlm.cli.model", "generate text from a BTLM checkpoint (local dir or hub id)"),
-    "data": Command("btlm.cli.data", "raw text -> HDF5 shards (Model Zoo LMData), inspect, shuffle"),
+    "data": Command("btlm.cli.data", "raw text or prompt/completion pairs -> HDF5 shards (Model Zoo LMData, Summarization), inspect, shuffle"),
     "run": Command("btlm.cli.run", "train / eval a Model Zoo YAML config on CPU or GPU(s)"),
     "convert": Command("btlm.cli.convert", "convert training checkpoints to / from the released HF layout"),
     "eval-long": Command("btlm.cli.eval", "loss at every token position up to 32k tokens (position interpolation)"),

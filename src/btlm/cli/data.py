@@ -1,4 +1,5 @@
-"""``btlm data``: ``LMData`` (raw text → HDF5 shards), ``inspect DIR``, ``shuffle IN OUT --seed S``.
+"""``btlm data``: ``LMData`` (raw text → HDF5 shards), ``Summarization`` (prompt/completion pairs → HDF5
+shards), ``inspect DIR``, ``shuffle IN OUT --seed S``.
 
 Building these parsers imports neither torch nor transformers, so ``btlm data`` starts fast.
 """
@@ -14,28 +15,42 @@ Prepare HDF5 training data in the Cerebras Model Zoo layout.
 
   LMData ...                 raw text (.txt/.jsonl/.jsonl.zst/.jsonl.gz/.parquet) -> [n, 3, msl] int32 .h5 shards
                              (the Model Zoo create_hdf5_dataset.py LMData flags)
+  Summarization ...          prompt/completion jsonl/parquet -> one row per pair, loss only on the completion
+                             (the Model Zoo Summarization flags: --prompt_key --completion_key --sep_token)
   inspect DIR                counts, token statistics and a decoded row of a shard directory
   shuffle IN OUT --seed S    global offline shuffle of all rows across shards (like h5_dataset_shuffle.py)
 
-Only LMData of the Model Zoo modes is supported (Summarization, FIM, *_VSL and Customize are not)."""
+Of the Model Zoo modes LMData and Summarization are supported (FIM, *_VSL and Customize are not)."""
 
 
-def build_parser(name: str = "data") -> Parser:
-    from btlm.data.options import OPTIONS, str2bool as data_str2bool
+def _add_options(p, mode: str) -> None:
+    """The Model Zoo flags of ``btlm data MODE`` (spelled as the Model Zoo does: snake_case)."""
+    from btlm.data.options import options_for, str2bool as data_str2bool
 
-    ap = Parser(prog="btlm data", description=DESCRIPTION)
-    sub = ap.add_subparsers(dest="mode", required=True, metavar="{LMData,inspect,shuffle}")
-    p = sub.add_parser("LMData", help="raw text -> packed [n, 3, msl] int32 rows (input_ids, attention_mask, labels)",
-                       description="Tokenize documents (+EOS), pack them into rows of max_seq_length and write .h5 "
-                                   "shards plus data_params.json into --output_dir (refused if it already holds "
-                                   "shards, unless resuming). Booleans take True/False or stand alone.")
     p.add_argument("--params", help="YAML with setup / processing / dataset sections (command-line flags override it)")
-    for key, (_, typ, default, help_) in OPTIONS.items():
+    for key, (_, typ, default, help_) in options_for(mode).items():
         if key == "display_pbar":
             continue
         typ = str2bool if typ is data_str2bool else typ
         p.add_argument(f"--{key}", type=typ, default=None, help=f"{help_} (default: {default})")
     add_progress(p, dest="display_pbar", aliases=("--display_pbar",))
+
+
+def build_parser(name: str = "data") -> Parser:
+    ap = Parser(prog="btlm data", description=DESCRIPTION)
+    sub = ap.add_subparsers(dest="mode", required=True, metavar="{LMData,Summarization,inspect,shuffle}")
+    p = sub.add_parser("LMData", help="raw text -> packed [n, 3, msl] int32 rows (input_ids, attention_mask, labels)",
+                       description="Tokenize documents (+EOS), pack them into rows of max_seq_length and write .h5 "
+                                   "shards plus data_params.json into --output_dir (refused if it already holds "
+                                   "shards, unless resuming). Booleans take True/False or stand alone.")
+    _add_options(p, "LMData")
+    p = sub.add_parser("Summarization", help="prompt/completion pairs -> one [3, msl] row each, loss on the completion",
+                       description="Tokenize each record's prompt and completion into one row "
+                                   "'prompt [sep] completion EOS' (padded; the loss mask covers the completion and "
+                                   "EOS), the Model Zoo SummarizationPreprocessor layout. Pairs longer than "
+                                   "max_seq_length are skipped and counted, never truncated. Same output, "
+                                   "--strict and resume behaviour as LMData.")
+    _add_options(p, "Summarization")
 
     i = sub.add_parser("inspect", help="summarise a directory of .h5 shards",
                        description="Summarise a directory of .h5 shards: counts, token statistics, a decoded row.")
@@ -57,18 +72,19 @@ def build_parser(name: str = "data") -> Parser:
 
 
 def execute(name: str, args) -> int:
-    if args.mode == "LMData":
+    if args.mode in ("LMData", "Summarization"):
         from btlm.data.create_hdf5_dataset import run
-        from btlm.data.options import OPTIONS, load_config
+        from btlm.data.options import load_config, options_for
 
-        cfg = load_config(args.params, {k: getattr(args, k) for k in OPTIONS})
+        cfg = load_config(args.params, {k: getattr(args, k) for k in options_for(args.mode)}, args.mode)
         if cfg["display_pbar"] is None:
             cfg["display_pbar"] = progress_enabled(None)
         params = run(cfg)
         pp, st = params["post-process"], params["h5_dataset_stats"]
+        what = "pairs" if args.mode == "Summarization" else "documents"
         print(f"wrote {pp['n_shards']} shards, {pp['n_examples']} sequences of {cfg['max_seq_length']} tokens to "
-              f"{cfg['output_dir']} ({pp['documents']} documents, {pp['tokens']} tokens, padding "
-              f"{st['padding_fraction']:.2%}, {pp['seconds']:.1f} s)")
+              f"{cfg['output_dir']} ({pp['documents']} {what}, {pp['tokens']} tokens, loss on "
+              f"{st['loss_valid_tokens']}, {pp['seconds']:.1f} s)")
         if pp["discarded"]:
             print(f"discarded records: {pp['discarded']} (first ones listed under 'problems' in data_params.json)")
         return 0

@@ -17,6 +17,10 @@ A re-implementation of the Cerebras Model Zoo ``create_hdf5_dataset.py LMData`` 
 * **Model Zoo's token stream.** Every document read, empty and whitespace-only ones included, is
   tokenized and followed by EOS exactly as ``LMData`` does (``""`` → ``[EOS]``, ``" "`` → ``[220, EOS]``),
   so the packed stream is the Model Zoo's, plus the final partial window it drops.
+* ``btlm data Summarization`` runs through the same reader, worker pool, shard writer and resume
+  checkpoints: records are (prompt, completion) pairs, workers turn each into one row
+  (:func:`btlm.data.preprocess.pair_row`, the Model Zoo SummarizationPreprocessor layout) and
+  :class:`PairRows` stands in for the packer; each row carries where its loss mask starts.
 * ``--use_ftfy`` defaults to False (the Model Zoo README's documented default; its code said True,
   which the spec marks as a discrepancy). Shard names are zero-padded (``examples_00000.h5``) so the
   loader's sorted file order is the corpus order.
@@ -32,15 +36,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from btlm.data.preprocess import (BatchTokenizer, CleanSpec, Packer, TokenizerSpec, init_worker, tokenize_batch,
-                                  write_shard)
+from btlm.data.preprocess import (BatchTokenizer, CleanSpec, Packer, PairSpec, TokenizerSpec, init_worker,
+                                  tokenize_batch, tokenize_pairs, write_shard)
 from btlm.data.readers import DataError, discover_files, iter_records, where
 
 CHECKPOINT = "checkpoint.json"
 MAX_PROBLEMS_LISTED = 100
 
 
-from btlm.data.options import NOT_IN_FINGERPRINT, OPTIONS, str2bool  # noqa: F401  (str2bool re-exported)
+from btlm.data.options import (NOT_IN_FINGERPRINT, OPTIONS, PROCESSORS, options_for,  # noqa: F401
+                               str2bool)  # (str2bool re-exported)
 
 # ---------------------------------------------------------------------------------------------
 # reading
@@ -57,8 +62,11 @@ class Batch:
     bytes_done: int = 0
 
 
-def read_batches(files: list[str], start: tuple[int, int], key: str, strict: bool, batch_chars: int):
+def read_batches(files: list[str], start: tuple[int, int], key: str | tuple[str, ...], strict: bool,
+                 batch_chars: int):
     """Yield :class:`Batch` es of about ``batch_chars`` characters from corpus position ``start`` on.
+
+    ``key`` a tuple: the batch texts are tuples (prompt, completion), see :func:`~btlm.data.readers.iter_records`.
 
     Batch boundaries fall only after a document, and depend on the text alone, never on timing.
     The per-record work is kept to plain local counting: it runs in the main process for every record.
@@ -88,12 +96,16 @@ def read_batches(files: list[str], start: tuple[int, int], key: str, strict: boo
                 batch.delta[f"discarded_{rec.problem}"] += 1
                 batch.problems.append(msg)
                 continue
-            if not text or text.isspace():
+            if type(text) is tuple:
+                batch.texts.append(text)
+                chars += sum(map(len, text))
+            elif not text or text.isspace():
                 # Kept, as the Model Zoo keeps them: "" becomes a lone EOS and " " / "\n" their own
                 # tokens + EOS. Dropping them would shift the token stream from there on.
                 batch.delta["empty_or_whitespace_documents"] += 1
-            batch.texts.append(text)
-            chars += len(text)
+            if type(text) is str:
+                batch.texts.append(text)
+                chars += len(text)
             if chars >= batch_chars:
                 yield close(batch, done + pos[0]())
                 batch, chars, records = Batch((fi, rec.record_no + 1)), 0, 0
@@ -211,6 +223,8 @@ def run(cfg: dict, batch_chars: int = 1 << 18, log=print) -> dict:
     for key, value in (("eos_id", eos), ("pad_id", pad)):
         if not 0 <= value < tok.vocab_size:
             raise DataError(f"{key} = {value}: expected an id in [0, {tok.vocab_size}) (the tokenizer's vocab_size)")
+    pairs = cfg.get("dataset_processor") == PROCESSORS["Summarization"]
+    sep_id = _sep_id(tok, cfg["sep_token"], log) if pairs else None
     fingerprint = _fingerprint(cfg, files)
     ckpt = _prepare_output(cfg, fingerprint)
     if ckpt and ckpt.get("complete"):
@@ -219,7 +233,9 @@ def run(cfg: dict, batch_chars: int = 1 << 18, log=print) -> dict:
             return json.load(f)
 
     msl, fpr = cfg["max_seq_length"], cfg["files_per_record"]
-    packer = Packer(msl, pad, cfg["pack_sequences"], cfg["short_seq_prob"], cfg["min_sequence_len"], cfg["seed"])
+    pair_spec = PairSpec(msl, pad, sep_id, cfg["min_sequence_len"]) if pairs else None
+    packer = PairRows() if pairs else Packer(msl, pad, cfg["pack_sequences"], cfg["short_seq_prob"],
+                                              cfg["min_sequence_len"], cfg["seed"])
     counters, problems, shard_stats = Counter(), [], Counter()
     shards_written, start, skip_rows = 0, (0, 0), 0
     if ckpt:
@@ -233,14 +249,15 @@ def run(cfg: dict, batch_chars: int = 1 << 18, log=print) -> dict:
 
     processes = cfg["processes"] or os.cpu_count() or 1
     clean_spec = CleanSpec(cfg["use_ftfy"], cfg["ftfy_normalizer"], cfg["wikitext_detokenize"],
-                           cfg["split_text_to_tokenize"], cfg["chunk_len_to_split"])
-    ex = _Executor(processes, (tok_spec, clean_spec, eos))
+                           cfg.get("split_text_to_tokenize", False), cfg.get("chunk_len_to_split", 2000))
+    ex = _Executor(processes, (tok_spec, clean_spec, eos, pair_spec))
     snapshots: deque = deque()  # (rows_emitted, snapshot) at the start of every packed batch
     writes: deque = deque()  # (index, async result), committed strictly in order
     pending: list = []
     state = {"pending_n": 0, "next_shard": shards_written, "shards_written": shards_written}
     total_bytes = sum(os.path.getsize(f) for f in files)
-    pbar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not cfg["display_pbar"], desc="LMData")
+    pbar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not cfg["display_pbar"],
+                desc="Summarization" if pairs else "LMData")
     t0 = time.perf_counter()
 
     def commit_ready(block: bool) -> None:
@@ -256,37 +273,45 @@ def run(cfg: dict, batch_chars: int = 1 << 18, log=print) -> dict:
                 "fingerprint": fingerprint, "shards_written": idx + 1, "shard_stats": dict(shard_stats),
                 "snapshot": snapshots[0][1], "complete": False}, indent=None)  # compact: written per shard
 
-    def submit_shard(windows, lengths) -> None:
+    def submit_shard(windows, lengths, starts) -> None:
         path = os.path.join(cfg["output_dir"], shard_name(cfg, state["next_shard"]))
         writes.append((state["next_shard"], ex.submit(write_shard, path, windows, lengths, pad, eos,
-                                                      cfg["compression"], cfg["inverted_mask"])))
+                                                      cfg["compression"], cfg["inverted_mask"],
+                                                      starts if pairs else None)))
         state["next_shard"] += 1
 
-    def add_rows(windows, lengths) -> None:
+    def add_rows(windows, lengths, starts=None) -> None:
+        """Queue rows (``starts``: where each row's loss mask begins, None = 0) and submit full shards."""
         nonlocal skip_rows
+        starts = np.zeros(len(lengths), dtype=np.int32) if starts is None else starts
         if skip_rows:  # rows already in shards written before the resume point
             k = min(skip_rows, len(lengths))
-            windows, lengths, skip_rows = windows[k:], lengths[k:], skip_rows - k
+            windows, lengths, starts, skip_rows = windows[k:], lengths[k:], starts[k:], skip_rows - k
         if len(lengths):
-            pending.append((windows, lengths))
+            pending.append((windows, lengths, starts))
             state["pending_n"] += len(lengths)
         if state["pending_n"] >= fpr:
-            w = np.concatenate([p[0] for p in pending])
-            n = np.concatenate([p[1] for p in pending])
+            w, n, st = (np.concatenate([p[j] for p in pending]) for j in range(3))
             full = len(n) // fpr * fpr
             for s in range(0, full, fpr):
-                submit_shard(w[s: s + fpr], n[s: s + fpr])
-            pending[:] = [(w[full:], n[full:])] if full < len(n) else []
+                submit_shard(w[s: s + fpr], n[s: s + fpr], st[s: s + fpr])
+            pending[:] = [(w[full:], n[full:], st[full:])] if full < len(n) else []
             state["pending_n"] = len(n) - full
 
     def pack(batch: Batch, res) -> None:
-        flat, lengths = res.get()
+        out = res.get()
         snapshots.append((packer.rows_emitted, {"position": list(batch.start), "counters": dict(counters),
                                                 "problems": list(problems), "packer": packer.state()}))
         counters.update(batch.delta)
-        counters["tokens"] += len(flat)
         problems.extend(batch.problems[: MAX_PROBLEMS_LISTED - len(problems)])
-        add_rows(*packer.add(flat, lengths))
+        if pairs:
+            windows, lengths, starts, skipped, tokens = out
+            counters.update({f"discarded_{k}": v for k, v in skipped.items()})
+            counters["tokens"] += tokens
+            add_rows(*packer.add(windows, lengths), starts)
+        else:
+            counters["tokens"] += len(out[0])
+            add_rows(*packer.add(*out))
         pbar.update(batch.bytes_done - pbar.n)
         dt = max(time.perf_counter() - t0, 1e-9)
         pbar.set_postfix(docs_per_s=f"{counters['documents'] / dt:.0f}", tok_per_s=f"{counters['tokens'] / dt:.3g}")
@@ -294,8 +319,9 @@ def run(cfg: dict, batch_chars: int = 1 << 18, log=print) -> dict:
     ok = False
     try:
         inflight: deque = deque()
-        for batch in read_batches(files, start, cfg["jsonl_key"], cfg["strict"], batch_chars):
-            inflight.append((batch, ex.submit(tokenize_batch, batch.texts)))
+        key = (cfg["prompt_key"], cfg["completion_key"]) if pairs else cfg["jsonl_key"]
+        for batch in read_batches(files, start, key, cfg["strict"], batch_chars):
+            inflight.append((batch, ex.submit(tokenize_pairs if pairs else tokenize_batch, batch.texts)))
             if len(inflight) > 2 * processes:
                 pack(*inflight.popleft())
                 commit_ready(block=len(writes) > processes)
@@ -304,7 +330,7 @@ def run(cfg: dict, batch_chars: int = 1 << 18, log=print) -> dict:
             commit_ready(block=False)
         add_rows(*packer.finish())
         if pending and cfg["write_remainder"]:
-            submit_shard(np.concatenate([p[0] for p in pending]), np.concatenate([p[1] for p in pending]))
+            submit_shard(*(np.concatenate([p[j] for p in pending]) for j in range(3)))
         elif pending:
             counters["rows_not_written_remainder"] += state["pending_n"]
         commit_ready(block=True)
@@ -315,8 +341,10 @@ def run(cfg: dict, batch_chars: int = 1 << 18, log=print) -> dict:
 
     counters["tokens_dropped"] = packer.dropped_tokens
     counters["discarded_short_document"] = packer.short_documents
-    params = _data_params(cfg, files, counters, problems, shard_stats, state["shards_written"], eos, pad, tok.vocab_size,
-                          time.perf_counter() - t0)
+    params = _data_params(cfg, files, counters, problems, shard_stats, state["shards_written"], eos, pad,
+                          tok.vocab_size + (sep_id == tok.vocab_size), time.perf_counter() - t0)
+    if pairs:
+        params["post-process"]["sep_id"] = sep_id
     _atomic_json(os.path.join(cfg["output_dir"], "data_params.json"), params)
     _atomic_json(os.path.join(cfg["output_dir"], CHECKPOINT), {
         "fingerprint": fingerprint, "shards_written": state["shards_written"], "shard_stats": dict(shard_stats),
@@ -324,10 +352,46 @@ def run(cfg: dict, batch_chars: int = 1 << 18, log=print) -> dict:
     return params
 
 
+class PairRows:
+    """The :class:`~btlm.data.preprocess.Packer` interface for prompt/completion rows: each pair is its
+    own row (built by the workers), so the only state a resume needs is how many rows were emitted."""
+
+    def __init__(self):
+        self.rows_emitted = self.dropped_tokens = self.short_documents = 0
+
+    def state(self) -> dict:
+        return {"rows_emitted": self.rows_emitted}
+
+    def load_state(self, st: dict) -> None:
+        self.rows_emitted = st["rows_emitted"]
+
+    def add(self, windows: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.rows_emitted += len(lengths)
+        return windows, lengths
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.empty((0, 0), dtype=np.int32), np.empty(0, dtype=np.int32)
+
+
+def _sep_id(tok: BatchTokenizer, sep_token: str | None, log) -> int | None:
+    """The id of ``--sep_token``: its id if the tokenizer has it as one token, else the next id past the
+    vocabulary (the Model Zoo adds it to the tokenizer; a pretrained model's embedding lacks that row)."""
+    if not sep_token:
+        return None
+    known = tok.token_id(sep_token)
+    if known is not None:
+        return known
+    log(f"warning: sep_token {sep_token!r} is not a token of the tokenizer; it gets the new id {tok.vocab_size} "
+        f"(vocab size {tok.vocab_size + 1}): a pretrained model needs its embedding resized for it")
+    return tok.vocab_size
+
+
 def _data_params(cfg, files, counters, problems, shard_stats, n_shards, eos, pad, vocab_size, seconds) -> dict:
     """data_params.json: the settings by Model Zoo section, then what the run read, dropped and wrote."""
     out: dict = {s: {} for s in ("setup", "processing", "dataset")}
-    for k, (section, *_rest) in OPTIONS.items():
+    mode = "Summarization" if cfg.get("dataset_processor") == PROCESSORS["Summarization"] else "LMData"
+    out["setup"]["dataset_processor"] = PROCESSORS[mode]
+    for k, (section, *_rest) in options_for(mode).items():
         out[section][k] = cfg[k]
     n = shard_stats.get("num_sequences", 0)
     total = shard_stats.get("num_tokens", 0)

@@ -266,6 +266,24 @@ def collate_rows(rows: np.ndarray) -> dict[str, torch.Tensor]:
             "labels": torch.from_numpy(rows[:, 2].copy())}
 
 
+def collate_hf(rows) -> dict[str, torch.Tensor]:
+    """Model Zoo rows → a ``transformers`` causal-LM batch (a ``data_collator`` for ``Trainer``).
+
+    The rows hold labels already shifted (``labels[t] = input_ids[t+1]``) and a loss mask; HF models shift
+    labels themselves (position t predicts ``labels[t+1]``) and skip ``-100``. So the HF labels are the
+    row's labels moved one place right, ``-100`` wherever the mask is 0; the loss of a row's last
+    position has no place there (a prompt/completion row never has loss there, a packed LMData row
+    loses that one token). ``attention_mask`` is all ones: attention stays causal over the row, as in
+    ``btlm run`` (right padding changes no earlier position).
+    """
+    rows = torch.as_tensor(np.ascontiguousarray(np.stack(list(rows)) if isinstance(rows, list) else rows,
+                                                dtype=np.int64))
+    ids, mask, labels = rows[:, 0], rows[:, 1].bool(), rows[:, 2]
+    hf_labels = torch.full_like(ids, -100)
+    hf_labels[:, 1:] = torch.where(mask[:, :-1], labels[:, :-1], -100)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": hf_labels}
+
+
 def _dist_rank_world() -> tuple[int, int]:
     import torch.distributed as dist
 

@@ -1,5 +1,6 @@
-"""The settings of ``btlm data LMData`` (the Model Zoo ``create_hdf5_dataset.py`` flags and YAML keys),
-their defaults, and the merge and checks of a configuration. Light to import: no numpy, h5py or torch.
+"""The settings of ``btlm data LMData`` and ``btlm data Summarization`` (the Model Zoo
+``create_hdf5_dataset.py`` flags and YAML keys), their defaults, and the merge and checks of a configuration.
+Light to import: no numpy, h5py or torch.
 """
 
 from __future__ import annotations
@@ -60,25 +61,53 @@ OPTIONS: dict[str, tuple[str, object, object, str]] = {
     "chunk_len_to_split": ("dataset", int, 2000, "piece length in characters for split_text_to_tokenize"),
     "inverted_mask": ("dataset", str2bool, False, "store 1 - mask (Model Zoo option)"),
 }
-# YAML keys of Model Zoo configs that are accepted with the only value this implementation supports.
-YAML_ONLY = {"dataset_processor": ("LMDataPreprocessor",), "write_in_batch": (True, False),
+# ``btlm data Summarization``: prompt/completion pairs, one row each (Model Zoo's SummarizationPreprocessor).
+SUMMARIZATION_OPTIONS: dict[str, tuple[str, object, object, str]] = {
+    "prompt_key": ("dataset", _optional_str, None, "JSON key (or parquet column) holding the prompt"),
+    "completion_key": ("dataset", _optional_str, None, "JSON key (or parquet column) holding the completion"),
+    "sep_token": ("dataset", _optional_str, None, "token put between prompt and completion; one the tokenizer "
+                  "lacks gets the next id past its vocabulary, as in the Model Zoo (a pretrained model then "
+                  "needs a larger embedding)"),
+}
+# LMData settings that mean nothing for pairs (each pair is one row, never packed, split or shortened).
+NOT_FOR_SUMMARIZATION = ("short_seq_prob", "pack_sequences", "jsonl_key", "split_text_to_tokenize",
+                         "chunk_len_to_split")
+PROCESSORS = {"LMData": "LMDataPreprocessor", "Summarization": "SummarizationPreprocessor"}
+
+
+def options_for(mode: str = "LMData") -> dict[str, tuple[str, object, object, str]]:
+    """The settings of ``btlm data MODE`` (name -> (section, type, default, help))."""
+    if mode == "LMData":
+        return OPTIONS
+    opts = {k: v for k, v in OPTIONS.items() if k not in NOT_FOR_SUMMARIZATION}
+    sec, typ, _, help_ = opts["min_sequence_len"]
+    opts["min_sequence_len"] = (sec, typ, 10, "pairs with fewer tokens (sep and EOS counted) are skipped (counted)")
+    return {**opts, **SUMMARIZATION_OPTIONS}
+
+
+# YAML keys of Model Zoo configs that are accepted with the only value this implementation supports
+# (dataset_processor: the one of the mode run).
+YAML_ONLY = {"dataset_processor": tuple(PROCESSORS.values()), "write_in_batch": (True, False),
              "input_ids_dtype": ("int32",), "input_mask_dtype": ("int32",), "remove_bos_in_chunks": (True, False)}
 # Settings that do not change the shards (may differ between a killed run and its resume).
 NOT_IN_FINGERPRINT = {"processes", "display_pbar", "resume_from_checkpoint", "strict"}
 
 
-def load_config(params: str | None = None, overrides: dict | None = None) -> dict:
+def load_config(params: str | None = None, overrides: dict | None = None, mode: str = "LMData") -> dict:
     """Merge defaults < YAML ``params`` < ``overrides`` (command-line values; None = not given),
-    validating every value."""
-    cfg = {k: v[2] for k, v in OPTIONS.items()}
+    validating every value. ``mode``: LMData or Summarization."""
+    opts = options_for(mode)
+    cfg = {k: v[2] for k, v in opts.items()}
     if params:
-        cfg.update(_yaml_options(params))
-    cfg.update({k: v for k, v in (overrides or {}).items() if k in OPTIONS and v is not None})
+        cfg.update(_yaml_options(params, opts, PROCESSORS[mode]))
+    cfg.update({k: v for k, v in (overrides or {}).items() if k in opts and v is not None})
+    if mode != "LMData":
+        cfg["dataset_processor"] = PROCESSORS[mode]
     _validate(cfg)
     return cfg
 
 
-def _yaml_options(path: str) -> dict:
+def _yaml_options(path: str, opts: dict = OPTIONS, processor: str = "LMDataPreprocessor") -> dict:
     import yaml
 
     if not os.path.isfile(path):
@@ -92,14 +121,15 @@ def _yaml_options(path: str) -> dict:
         if section not in ("setup", "processing", "dataset") or not isinstance(values, dict):
             raise DataError(f"{path}: unknown section {section!r} (expected setup, processing, dataset mappings)")
         for k, v in values.items():
-            if k in YAML_ONLY:
-                if v not in YAML_ONLY[k]:
-                    raise DataError(f"{path}: {section}.{k} = {v!r} is not supported (expected one of {YAML_ONLY[k]})")
+            allowed = (processor,) if k == "dataset_processor" else YAML_ONLY.get(k)
+            if allowed:
+                if v not in allowed:
+                    raise DataError(f"{path}: {section}.{k} = {v!r} is not supported here (expected one of {allowed})")
                 continue
-            if k not in OPTIONS:
+            if k not in opts:
                 raise DataError(f"{path}: unknown key {section}.{k}")
             try:
-                out[k] = None if v is None else OPTIONS[k][1](v)
+                out[k] = None if v is None else opts[k][1](v)
             except (TypeError, ValueError) as e:
                 raise DataError(f"{path}: {section}.{k} = {v!r}: {e}") from e
     return out
@@ -109,13 +139,17 @@ def _validate(cfg: dict) -> None:
     def bad(key, expected):
         raise DataError(f"{key} = {cfg[key]!r}: expected {expected}")
 
+    if cfg.get("dataset_processor") == PROCESSORS["Summarization"]:
+        for key in ("prompt_key", "completion_key"):
+            if not cfg[key]:
+                raise DataError(f"Summarization needs --{key} (the JSON key of the {key.split('_')[0]})")
     if cfg["max_seq_length"] < 2:
         bad("max_seq_length", "an integer >= 2")
     if cfg["files_per_record"] < 1:
         bad("files_per_record", "an integer >= 1")
-    if not 0.0 <= cfg["short_seq_prob"] <= 1.0:
+    if not 0.0 <= cfg.get("short_seq_prob", 0.0) <= 1.0:
         bad("short_seq_prob", "a probability in [0, 1]")
-    if cfg["short_seq_prob"] > 0 and cfg["max_seq_length"] < 4:
+    if cfg.get("short_seq_prob", 0) > 0 and cfg["max_seq_length"] < 4:
         bad("max_seq_length", "at least 4 when short_seq_prob > 0")
     if cfg["processes"] < 0:
         bad("processes", "0 (all CPUs) or a positive count")
@@ -123,7 +157,7 @@ def _validate(cfg: dict) -> None:
         bad("compression", "gzip, lzf or none")
     if cfg["ftfy_normalizer"] not in ("NFC", "NFKC", None):
         bad("ftfy_normalizer", "NFC, NFKC or None")
-    if cfg["chunk_len_to_split"] < 1:
+    if cfg.get("chunk_len_to_split", 1) < 1:
         bad("chunk_len_to_split", "a positive number of characters")
     if cfg["tokenizer_type"] not in ("GPT2Tokenizer", "HuggingFaceTokenizer"):
         bad("tokenizer_type", "GPT2Tokenizer or HuggingFaceTokenizer (NeoXTokenizer: use HuggingFaceTokenizer)")

@@ -79,6 +79,19 @@ class BatchTokenizer:
         ids = self._hf(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         return [np.asarray(i, dtype=np.int32) for i in ids]
 
+    def token_id(self, token: str) -> int | None:
+        """The id of ``token`` as one vocabulary entry (spelled as in the tokenizer's vocabulary file:
+        GPT-2's byte-level characters, e.g. "Ġ" for a leading space), or None."""
+        if self.spec.tokenizer_type != "GPT2Tokenizer":
+            return self._hf.get_vocab().get(token)
+        table = _data_gym_byte_table()
+        if any(ord(c) not in table for c in token):
+            return None
+        try:
+            return self._enc.encode_single_token(bytes(table[ord(c)] for c in token))
+        except KeyError:
+            return None
+
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
         if self.spec.tokenizer_type == "GPT2Tokenizer":
@@ -225,9 +238,19 @@ def split_for_tokenizing(text: str, chunk_len: int) -> list[str]:
 _WORKER: dict = {}
 
 
-def init_worker(tok_spec: TokenizerSpec, clean_spec: CleanSpec, eos_id: int) -> None:
+@dataclass
+class PairSpec:
+    """How prompt/completion pairs become rows (``btlm data Summarization``)."""
+
+    max_seq_length: int
+    pad_id: int
+    sep_id: int | None = None
+    min_sequence_len: int = 10
+
+
+def init_worker(tok_spec: TokenizerSpec, clean_spec: CleanSpec, eos_id: int, pairs: PairSpec | None = None) -> None:
     """Pool initializer: build the tokenizer once per worker process."""
-    _WORKER.update(tok=BatchTokenizer(tok_spec), clean=clean_spec, eos=eos_id)
+    _WORKER.update(tok=BatchTokenizer(tok_spec), clean=clean_spec, eos=eos_id, pairs=pairs)
 
 
 def tokenize_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -252,6 +275,57 @@ def tokenize_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     # ids < 2**31, so the cast from tiktoken's uint32 is exact
     flat = np.concatenate([a for d in docs for a in (*d, eos_arr)], dtype=np.int32, casting="unsafe")
     return flat, lengths
+
+
+def pair_row(prompt: np.ndarray, completion: np.ndarray, eos_id: int, spec: PairSpec):
+    """One prompt/completion pair as ``(window, length, loss_start)``, or the reason it is skipped.
+
+    The layout is the Cerebras Model Zoo R2.0.2 ``SummarizationPreprocessor`` (its
+    ``create_features_summarization``): tokens ``prompt [sep] completion EOS`` padded to ``msl + 1``;
+    inputs are tokens[:-1], labels tokens[1:]; the loss mask is 1 on the positions whose label is a
+    completion token or the final EOS, i.e. from the sep position (with a sep token) or the last
+    prompt token (without one) up to, not including, the EOS input. A pair of more than ``msl`` tokens
+    (EOS and sep counted) is skipped as "too_long", one of fewer than ``min_sequence_len`` as
+    "too_short" (the Model Zoo skips both; nothing is truncated). An empty prompt without a sep token
+    has no position to predict the first completion token from (the Model Zoo crashes there): skipped
+    as "empty_prompt".
+    """
+    sep = [] if spec.sep_id is None else [spec.sep_id]
+    length = len(prompt) + len(sep) + len(completion) + 1
+    if length > spec.max_seq_length:
+        return "too_long"
+    if length < spec.min_sequence_len:
+        return "too_short"
+    if not sep and not len(prompt):
+        return "empty_prompt"
+    window = np.full(spec.max_seq_length + 1, spec.pad_id, dtype=np.int32)
+    window[:length] = np.concatenate([prompt, sep, completion, [eos_id]]).astype(np.int32)
+    return window, length, len(prompt) - (0 if sep else 1)
+
+
+def tokenize_pairs(pairs: list[tuple[str, str]]):
+    """Clean and tokenize prompt/completion pairs into rows (see :func:`pair_row`).
+
+    Returns ``(windows [n, msl+1], lengths [n], loss_starts [n], skipped {reason: count}, tokens)``.
+    """
+    tok, cs, eos, spec = _WORKER["tok"], _WORKER["clean"], _WORKER["eos"], _WORKER["pairs"]
+    texts = [t for pair in pairs for t in pair]
+    if cs.use_ftfy or cs.wikitext_detokenize:
+        texts = [clean(t, cs) for t in texts]
+    ids = tok.encode_arrays(texts)
+    rows, skipped, tokens = [], {}, 0
+    for i in range(0, len(ids), 2):
+        out = pair_row(ids[i], ids[i + 1], eos, spec)
+        if isinstance(out, str):
+            skipped[out] = skipped.get(out, 0) + 1
+        else:
+            rows.append(out)
+            tokens += out[1]
+    msl = spec.max_seq_length
+    windows = np.stack([r[0] for r in rows]) if rows else np.empty((0, msl + 1), dtype=np.int32)
+    lengths = np.array([r[1] for r in rows], dtype=np.int32)
+    starts = np.array([r[2] for r in rows], dtype=np.int32)
+    return windows, lengths, starts, skipped, tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,8 +446,12 @@ def _concat_rows(parts, msl):
 # shard writing (worker side)
 
 
-def rows_to_features(windows: np.ndarray, lengths: np.ndarray, pad_id: int, inverted_mask: bool = False) -> np.ndarray:
+def rows_to_features(windows: np.ndarray, lengths: np.ndarray, pad_id: int, inverted_mask: bool = False,
+                     loss_starts: np.ndarray | None = None) -> np.ndarray:
     """Windows ``[n, msl+1]`` → Model Zoo rows ``[n, 3, msl]`` = input_ids, attention_mask (loss mask), labels.
+
+    The loss mask of row i is 1 on positions ``[loss_starts[i], lengths[i] - 1)`` (``loss_starts``
+    None: from 0, every real token; prompt/completion rows start it at the completion).
 
     Rows are copied whole and only the (few) short rows are padded afterwards: a masked ``np.where``
     over every token cost more than the HDF5 write itself.
@@ -388,6 +466,9 @@ def rows_to_features(windows: np.ndarray, lengths: np.ndarray, pad_id: int, inve
         data[i, 0, k:] = pad_id
         data[i, 1, k:] = 0
         data[i, 2, k:] = pad_id
+    if loss_starts is not None:
+        for i in np.flatnonzero(loss_starts):
+            data[i, 1, : int(loss_starts[i])] = 0
     if inverted_mask:
         data[:, 1] ^= 1
     return data
@@ -419,9 +500,9 @@ def _count_valid(inputs: np.ndarray, value: int, n_padded: int, pad_id: int) -> 
 
 
 def write_shard(path: str, windows: np.ndarray, lengths: np.ndarray, pad_id: int, eos_id: int,
-                compression: str | None, inverted_mask: bool = False) -> dict:
+                compression: str | None, inverted_mask: bool = False, loss_starts: np.ndarray | None = None) -> dict:
     """Write one ``.h5`` shard atomically (temp name, then rename) and return its row statistics."""
-    data = rows_to_features(windows, lengths, pad_id, inverted_mask)
+    data = rows_to_features(windows, lengths, pad_id, inverted_mask, loss_starts)
     n, msl = data.shape[0], data.shape[2]
     from btlm.io import atomic_path
 
@@ -429,14 +510,15 @@ def write_shard(path: str, windows: np.ndarray, lengths: np.ndarray, pad_id: int
         _write_rows(f, data, compression)
         f.attrs["n_examples"] = n
     # statistics from the lengths: padded positions hold pad_id in input_ids
-    loss_valid = int((lengths.astype(np.int64) - 1).sum())
-    n_padded = n * msl - loss_valid
+    real = int((lengths.astype(np.int64) - 1).sum())  # positions holding a real input and label
+    n_padded = n * msl - real
+    loss_valid = real - (int(loss_starts.astype(np.int64).sum()) if loss_starts is not None else 0)
     eos_tokens = _count_valid(data[:, 0], eos_id, n_padded, pad_id)
     pad_tokens = _count_valid(data[:, 0], pad_id, n_padded, pad_id) if pad_id != eos_id else 0
     return {
         "num_sequences": n,
         "num_tokens": n * msl,
         "loss_valid_tokens": loss_valid,
-        "non_pad_tokens": loss_valid - eos_tokens - pad_tokens,
+        "non_pad_tokens": real - eos_tokens - pad_tokens,
         "eos_tokens": eos_tokens,
     }

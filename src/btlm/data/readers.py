@@ -93,6 +93,21 @@ def _text_from_json(obj, key: str) -> Record:
     return Record(0, text=val)
 
 
+def _fields_from_json(obj, key: str | tuple[str, ...]) -> Record:
+    """A document (``key`` a string), or a tuple of texts, one per key (``key`` a tuple: prompt/completion)."""
+    if isinstance(key, str):
+        return _text_from_json(obj, key)
+    if not isinstance(obj, dict):
+        return Record(0, problem="malformed_json", detail=f"expected an object, got {type(obj).__name__}")
+    texts = []
+    for k in key:
+        rec = _text_from_json(obj, k)
+        if rec.problem:
+            return rec
+        texts.append(rec.text)
+    return Record(0, text=tuple(texts))
+
+
 class _ZstdRaw(io.RawIOBase):
     """Decompress a (multi-frame) zstd stream, raising at a truncated frame.
 
@@ -173,10 +188,10 @@ def _iter_jsonl(path: str, raw, key: str, start: int) -> Iterator[Record]:
                 if line.strip():  # blank lines are skipped silently
                     yield _bad_line(n, line, e)
                 continue
-            if type(obj) is dict and type(obj.get(key)) is str:  # the common case, without the checks below
+            if type(key) is str and type(obj) is dict and type(obj.get(key)) is str:  # the common case
                 yield Record(n, text=obj[key])
                 continue
-            rec = _text_from_json(obj, key)
+            rec = _fields_from_json(obj, key)
             rec.record_no = n
             yield rec
     except _corrupt_errors() as e:
@@ -192,26 +207,33 @@ def _iter_parquet(path: str, key: str, start: int) -> Iterator[Record]:
     except (pa.ArrowException, OSError) as e:
         yield Record(0, problem="corrupt_file", detail=f"{type(e).__name__}: {e}")
         return
-    if key not in pf.schema_arrow.names:
-        yield Record(0, problem="missing_key", detail=f"no column {key!r} (columns: {pf.schema_arrow.names[:8]})")
+    keys = [key] if isinstance(key, str) else list(key)
+    missing = [k for k in keys if k not in pf.schema_arrow.names]
+    if missing:
+        yield Record(0, problem="missing_key", detail=f"no column {missing[0]!r} (columns: {pf.schema_arrow.names[:8]})")
         return
     n = 0
     try:
-        for batch in pf.iter_batches(columns=[key], batch_size=1024):
-            for val in batch.column(0).to_pylist():
+        for batch in pf.iter_batches(columns=keys, batch_size=1024):
+            for vals in zip(*(c.to_pylist() for c in batch.columns)):
                 if n >= start:
-                    if isinstance(val, str):
-                        yield Record(n, text=val)
+                    bad = next(((k, v) for k, v in zip(keys, vals) if not isinstance(v, str)), None)
+                    if bad is None:
+                        yield Record(n, text=vals[0] if isinstance(key, str) else tuple(vals))
                     else:
-                        yield Record(n, problem="bad_value" if val is not None else "missing_key",
-                                     detail=f"column {key!r} holds {type(val).__name__}, expected a string")
+                        yield Record(n, problem="bad_value" if bad[1] is not None else "missing_key",
+                                     detail=f"column {bad[0]!r} holds {type(bad[1]).__name__}, expected a string")
                 n += 1
     except (pa.ArrowException, OSError) as e:
         yield Record(n, problem="corrupt_file", detail=f"{type(e).__name__}: {e}")
 
 
-def iter_records(path: str, key: str = "text", start: int = 0, pos: list | None = None) -> Iterator[Record]:
+def iter_records(path: str, key: str | tuple[str, ...] = "text", start: int = 0,
+                 pos: list | None = None) -> Iterator[Record]:
     """Yield the records of one input file from record number ``start`` on.
+
+    ``key`` names the field holding the text; a tuple of keys yields a tuple of texts per record
+    (prompt/completion pairs), which a ``.txt`` file cannot hold.
 
     ``pos``, if given, is a one-element list whose item, called, gives the bytes of ``path`` consumed so
     far (compressed bytes for compressed inputs), for progress reporting; asked for once a batch, not
@@ -230,6 +252,9 @@ def iter_records(path: str, key: str = "text", start: int = 0, pos: list | None 
             if pos is not None:
                 pos[0] = raw.tell
             if fmt == ".txt":
+                if not isinstance(key, str):
+                    raise DataError(f"{path}: a .txt file is one document; prompt/completion pairs need "
+                                    f"jsonl or parquet records with keys {list(key)}")
                 if start == 0:  # the whole file is one document
                     data = raw.read()
                     try:

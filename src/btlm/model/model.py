@@ -640,7 +640,11 @@ class BTLMLMHeadModel(BTLMPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """Causal LM forward. With ``labels`` the loss is the mean next-token cross-entropy (labels are
         shifted inside; ``-100`` is ignored). ``logits_to_keep=n`` computes logits for the last ``n``
-        positions only (``generate`` uses 1 during prefill)."""
+        positions only (``generate`` uses 1 during prefill).
+
+        ``num_items_in_batch`` (passed by ``transformers.Trainer``, which then does not divide the loss by
+        the gradient-accumulation steps itself): the loss is the cross-entropy *sum* over that many label
+        tokens, so accumulated micro-batches add up to the mean over the whole batch."""
         out = self.transformer(
             input_ids,
             past_key_values=past_key_values,
@@ -658,5 +662,9 @@ class BTLMLMHeadModel(BTLMPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             shift_logits = logits[:, :-1].float()
-            loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+            num_items = kwargs.get("num_items_in_batch")
+            loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100, reduction="mean" if num_items is None else "sum")
+            if num_items is not None:
+                loss = loss / torch.as_tensor(num_items, device=loss.device)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)

@@ -386,6 +386,10 @@ class ModelConfig(_Section):
         if self.attention_logits_alpha != 1.0:
             raise ValueError("attention_logits_alpha other than 1.0 is not supported: the released BTLM layout "
                              "has no attention-logit multiplier, so such a model could not be exported")
+        if getattr(self, "lora_params", None):
+            # Refused rather than ignored: ignoring it would silently train every weight of the model.
+            raise ValueError("lora_params: LoRA is not supported by btlm run yet; fine-tune with peft + "
+                             "transformers.Trainer instead (docs/finetune.md)")
         return self
 
     @property

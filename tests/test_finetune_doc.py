@@ -1,0 +1,41 @@
+"""docs/finetune.md runs as written from a fresh directory: init, Summarization data, the LoRA script
+(peft + Trainer), generate from the merged model; with 2 steps instead of 200 and rows of 64 tokens."""
+
+from __future__ import annotations
+
+import json
+import re
+import runpy
+import shlex
+from pathlib import Path
+
+import torch
+
+from btlm.cli import main as btlm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_finetune_recipe_runs_as_written(tmp_path, monkeypatch, capsys):
+    torch.set_num_threads(1)
+    text = (ROOT / "docs" / "finetune.md").read_text()
+    bash = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
+    lines = [line.split("  #")[0].strip() for line in bash.splitlines()]
+    lines = [line for line in lines if line.startswith(("btlm ", "python "))]
+    assert [line.split()[1] for line in lines] == ["init", "data", "data", "finetune.py", "generate"]
+    script = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    assert "max_steps=200" in script
+    (tmp_path / "finetune.py").write_text(script.replace("max_steps=200", "max_steps=2"))
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "qa.jsonl").write_text("".join(
+        json.dumps({"prompt": f"Q: What is {i} plus {i}?\nA:", "completion": f" {2 * i}."}) + "\n" for i in range(20)))
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        if line.startswith("python "):
+            runpy.run_path(str(tmp_path / "finetune.py"), run_name="__main__")
+        else:
+            line = line.replace("--max_seq_length 256", "--max_seq_length 64")
+            assert btlm(shlex.split(line)[1:]) == 0, (line, capsys.readouterr().err[-2000:])
+    assert (tmp_path / "ft" / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "ft" / "merged" / "model.safetensors").is_file()
+    assert "Q: What is the capital of France?" in capsys.readouterr().out
