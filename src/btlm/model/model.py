@@ -447,9 +447,10 @@ class BTLMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """muP init, the Model Zoo BTLM stds: hidden Conv1D weights ``N(0, σ·√mup_width_scale)``, the two output projections
+        """muP init: hidden Conv1D weights ``N(0, σ·√mup_width_scale)``, the two output projections
         ``c_proj`` that divided by ``√(2·n_layer)``, embeddings ``N(0, σ)``, biases 0, LayerNorm 1/0, exact
-        ALiBi slopes. ``σ = initializer_range`` (0.073 for BTLM-3B → 0.0231 and 0.00289)."""
+        ALiBi slopes. ``σ = initializer_range`` (0.073 for BTLM-3B → 0.0231 and 0.00289, the stds of the
+        Model Zoo BTLM config)."""
         cfg = self.config
         hidden_std = cfg.initializer_range * math.sqrt(cfg.mup_width_scale)
         if isinstance(module, (Conv1D, nn.Linear)):
