@@ -52,10 +52,6 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1 or self.strategy != "none"
-
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
