@@ -1,4 +1,4 @@
-"""An independent, plain float64 BTLM forward written from the spec (btlm_model.md §c), for parity tests.
+"""An independent, plain float64 BTLM forward written from the released remote code's eval-mode math, for parity tests.
 
 It shares no code with ``btlm.model``: loops over heads, explicit distances, ``-inf`` masks.
 """
@@ -25,7 +25,7 @@ def reference_forward(model, input_ids, attention_mask=None, past=None, divisor=
 
     ``past``: list over layers of float64 ``(k, v)`` ``[B, H, P, d]`` (used as given, like a KV cache);
     ``attention_mask``: ``[B, P+T]`` of 1/0; ``divisor``: the ALiBi divisor ``s`` (default from the config
-    with K = P+T, per the spec's rules).
+    with K = P+T: ``factor`` if fixed, else ``K/train_seq_len`` when K exceeds it, else 1).
     """
     cfg = model.config
     sd = {k: v.double() for k, v in model.state_dict().items()}

@@ -27,7 +27,7 @@ def test_tokenizer_ids_match_gpt2(tokenizer):
 
 
 def test_model_card_snippets_run_as_written(model_dir):
-    """btlm_model.md §g: the released card's usage, minus trust_remote_code."""
+    """The released model card's usage, minus trust_remote_code."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype="auto")
     inputs = tokenizer("Albert Einstein was known for ", return_tensors="pt")

@@ -130,7 +130,7 @@ def test_yaml_params_and_cli_override(corpus, tmp_path):
 
 
 def test_ftfy_is_off_by_default_and_fixes_mojibake(tmp_path):
-    # the spec marks use_ftfy's default as uncertain (code True, README False): we follow the README
+    # Model Zoo's code defaults use_ftfy to True but its README documents False: we follow the README
     write_jsonl(tmp_path / "m.jsonl", ["cafÃ© latte"])
     (tmp_path / "l.txt").write_text(str(tmp_path / "m.jsonl"))
     raw = prepare(None, tmp_path / "a", metadata_files=str(tmp_path / "l.txt"))

@@ -102,12 +102,24 @@ def test_load_windows_from_h5_shards_in_order(tmp_path):
     assert windows.shape == (3, 101)
     for i in range(3):
         np.testing.assert_array_equal(windows[i].numpy(), tokens[100 * i: 100 * i + 101])
-    assert load_windows(str(tmp_path), context=100, num_docs=2).shape == (2, 101)
+    assert load_windows(str(tmp_path), context=100, num_windows=2).shape == (2, 101)
+    with pytest.warns(DeprecationWarning, match="use num_windows"):  # the old name still works
+        assert load_windows(str(tmp_path), context=100, num_docs=2).shape == (2, 101)
     assert load_windows(str(tmp_path), context=373).shape == (1, 374)  # exactly one window's tokens
     with pytest.raises(EvalError, match="fewer than one window"):
         load_windows(str(tmp_path), context=374)
     with pytest.raises(EvalError, match="fewer than one window"):
         load_windows(str(tmp_path / "examples_00000.h5"), context=1000)
+
+
+def test_num_docs_is_a_deprecated_name_of_num_windows(capsys):
+    from btlm.cli.eval import build_parser
+
+    base = ["--model", "m", "--data", "d", "--out", "o"]
+    assert build_parser("eval-long").parse_args(base + ["--num-windows", "3"]).num_windows == 3
+    assert "deprecated" not in capsys.readouterr().err
+    assert build_parser("eval-long").parse_args(base + ["--num_docs", "2"]).num_windows == 2
+    assert "--num-docs is deprecated: use --num-windows" in capsys.readouterr().err
 
 
 def test_load_windows_from_jsonl_and_errors(tmp_path, tokenizer):
@@ -161,7 +173,7 @@ def test_cli_16k_tokens_bounded_memory(tmp_path):
     sampler.start()
     try:
         assert btlm(["eval-long", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "shard.h5"), "--context", str(context),
-                     "--num-docs", "1", "--alibi-scaling", "dynamic:512", "--out", str(out)]) == 0
+                     "--num-windows", "1", "--alibi-scaling", "dynamic:512", "--out", str(out)]) == 0
     finally:
         done.set()
         sampler.join()

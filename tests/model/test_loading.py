@@ -13,7 +13,7 @@ from btlm.inference import ModelLoadError, load_model, save_model
 from btlm.model import BTLMLMHeadModel, BTLMModel
 from tests.conftest import make_model
 
-# The released config.json (spec §a) with small dimensions.
+# The released config.json (cerebras/btlm-3b-8k-base) with small dimensions.
 RELEASED_CONFIG = {
     "_name_or_path": "cerebras/btlm-3b-8k-base",
     "activation_function": "swiglu",

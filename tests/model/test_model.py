@@ -99,7 +99,7 @@ def test_dynamic_interpolation_applies_only_past_train_seq_len(attn):
     short, long = ids(1, 16), ids(1, 40)
     torch.testing.assert_close(model(short).logits, plain(short).logits)  # K == train_seq_len: s = 1
     torch.testing.assert_close(model(long).logits.double(), reference_forward(model, long, divisor=40 / 16)[0], **TOL)
-    # K counts padding: 4 pads push K=16 over train_seq_len and change the slopes (spec c.5).
+    # K counts padding: 4 pads push K=16 over train_seq_len and change the slopes.
     padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1)
     mask = torch.cat([torch.zeros(1, 4), torch.ones(1, 16)], 1).long()
     got = model(padded, attention_mask=mask).logits[:, 4:]
@@ -132,7 +132,7 @@ def _decode_incrementally(model, x, prefix):
 
 
 def test_dynamic_interpolation_cache_history():
-    """Past train_seq_len, cached decoding uses K/V computed under earlier divisors (spec c.7): it equals the
+    """Past train_seq_len, cached decoding uses K/V computed under earlier divisors: it equals the
     reference run step by step with its own cache, differs from a full forward for 2 layers, and equals the
     full forward's last step for 1 layer only at the last position's divisor."""
     sc = {"type": "linear", "train_seq_len": 10}
@@ -159,7 +159,7 @@ def test_bf16_close_to_fp32():
     x = ids(2, 40)
     want = model(x).logits
     got = copy.deepcopy(model).to(torch.bfloat16)(x).logits.float()
-    # bf16 rounds every op and the two muP scalars (14.625, 0.2216796875): loose tolerance, as in the spec
+    # bf16 rounds every op and the two muP scalars (14.625, 0.2216796875): only a loose tolerance holds
     assert (got - want).abs().max() < 0.15
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
 
@@ -229,7 +229,7 @@ def test_mup_init_stds_of_3b_rule():
     assert blk.mlp.c_proj.weight.std().item() == pytest.approx(out_std, rel=0.05)
     assert model.transformer.wte.weight.std().item() == pytest.approx(0.073, rel=0.02)
     assert blk.attn.c_attn.bias.abs().max() == 0 and torch.all(blk.ln_1.weight == 1)
-    # the released 3B values: 0.073·√0.1 = 0.02308, / √64 = 0.002886 (spec e)
+    # the released 3B values: 0.073·√0.1 = 0.02308, / √64 = 0.002886 (the Model Zoo BTLM config's init stds)
     assert 0.073 * math.sqrt(0.1) == pytest.approx(0.023084626919229165)
     assert 0.073 * math.sqrt(0.1) / math.sqrt(64) == pytest.approx(0.0028855783649036457)
 

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
+
 from btlm.cli.common import Parser, add_device, add_dtype, add_model, add_out, add_progress, add_seed, progress_enabled
 
 SCALING_HELP = ("none | fixed:F (divide the ALiBi slopes by F) | dynamic:L (divide by K/L past L tokens, L = the "
                 "training length, e.g. dynamic:8192)")
+
+
+class _NumWindows(argparse._StoreAction):
+    """``--num-windows``; its old name ``--num-docs`` (it always counted windows) still works, with a warning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in ("--num-docs", "--num_docs"):
+            print("warning: --num-docs is deprecated: use --num-windows (it counts windows, not documents)",
+                  file=sys.stderr)
+        super().__call__(parser, namespace, values, option_string)
 
 
 def _common(p: Parser) -> None:
@@ -29,7 +42,8 @@ def build_parser(name: str) -> Parser:
                        help="positions scored per window: windows of context+1 tokens (like a Model Zoo row of msl N)")
         p.add_argument("--alibi-scaling", nargs="+", default=["none"], metavar="SETTING",
                        help=f"one or more settings, each: {SCALING_HELP}")
-        p.add_argument("--num-docs", type=int, default=8, help="number of windows to average over")
+        p.add_argument("--num-windows", "--num-docs", type=int, default=8, action=_NumWindows,
+                       help="number of windows to average over (--num-docs: deprecated name)")
         p.add_argument("--logits-chunk", type=int, default=1024, help="positions per logits chunk (memory bound)")
         return p
     p = Parser(prog="btlm passkey", description=(
@@ -53,7 +67,7 @@ def execute(name: str, args) -> int:
         from btlm.eval.long_context import differences, evaluate_long
 
         curves = evaluate_long(args.model, args.data, args.out, context=args.context, alibi_scaling=args.alibi_scaling,
-                               num_docs=args.num_docs, logits_chunk=args.logits_chunk, dtype=args.dtype,
+                               num_windows=args.num_windows, logits_chunk=args.logits_chunk, dtype=args.dtype,
                                device=args.device, overwrite=args.overwrite, progress=progress)
         ref, diffs = differences(curves)
         for label, values in curves.items():

@@ -22,7 +22,7 @@ A re-implementation of the Cerebras Model Zoo ``create_hdf5_dataset.py LMData`` 
   (:func:`btlm.data.preprocess.pair_row`, the Model Zoo SummarizationPreprocessor layout) and
   :class:`PairRows` stands in for the packer; each row carries where its loss mask starts.
 * ``--use_ftfy`` defaults to False (the Model Zoo README's documented default; its code said True,
-  which the spec marks as a discrepancy). Shard names are zero-padded (``examples_00000.h5``) so the
+  so the two disagree). Shard names are zero-padded (``examples_00000.h5``) so the
   loader's sorted file order is the corpus order.
 """
 

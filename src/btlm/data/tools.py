@@ -114,8 +114,8 @@ def format_inspect(info: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_rows(path: str, data: np.ndarray, compression: str | None) -> None:
-    """Write a shard atomically (temp name, rename)."""
+def _write_shard_file(path: str, data: np.ndarray, compression: str | None) -> None:
+    """Write ``data`` as one whole shard file at ``path``, atomically (temp name, rename)."""
     import h5py
 
     from btlm.io import atomic_path
@@ -178,7 +178,7 @@ def shuffle_dir(in_dir: str, out_dir: str, seed: int, num_output_chunks: int | N
             with h5py.File(os.path.join(tmp_dir, f"{i}.h5"), "r") as h:
                 data = h["data"][:]
             data = data[np.random.default_rng([seed, i]).permutation(len(data))]
-            _write_rows(os.path.join(out_dir, f"data-{i:05d}.h5"), data, compression)
+            _write_shard_file(os.path.join(out_dir, f"data-{i:05d}.h5"), data, compression)
     finally:
         for h in parts:
             if h is not None and h.id.valid:

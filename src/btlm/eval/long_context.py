@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -76,13 +77,24 @@ def _text_tokens(path: Path, tokenizer):
         yield np.asarray(tokenizer.encode(rec.text) + [tokenizer.eos_token_id], dtype=np.int64)
 
 
-def load_windows(data: str, context: int, num_docs: int | None = None, tokenizer=None) -> torch.Tensor:
-    """Cut ``[n, context + 1]`` windows (``n <= num_docs``) from the token stream of ``data``.
+def _renamed_num_windows(num_windows, num_docs):
+    """``num_docs`` is the old name of ``num_windows`` (it always counted windows): accepted, with a warning."""
+    if num_docs is None:
+        return num_windows
+    warnings.warn("num_docs is deprecated: use num_windows (it counts windows, not documents)", DeprecationWarning,
+                  stacklevel=3)
+    return num_docs
+
+
+def load_windows(data: str, context: int, num_windows: int | None = None, tokenizer=None, *,
+                 num_docs: int | None = None) -> torch.Tensor:
+    """Cut ``[n, context + 1]`` windows (``n <= num_windows``) from the token stream of ``data``.
 
     Window ``i`` is ``stream[i·context : i·context + context + 1]`` (consecutive windows share one token,
     as Model Zoo rows do): ``context`` inputs and ``context`` next-token labels.
     Raises :class:`EvalError` when the data holds fewer than ``context + 1`` tokens.
     """
+    num_windows = _renamed_num_windows(num_windows, num_docs)
     if context < 2:
         raise EvalError(f"--context must be at least 2, got {context}")
     windows, buf, have = [], [], 0
@@ -102,7 +114,7 @@ def load_windows(data: str, context: int, num_docs: int | None = None, tokenizer
                 stream = np.concatenate(buf)
                 windows.append(stream[:context + 1])
                 buf, have = [stream[context:]], len(stream) - context
-                if num_docs is not None and len(windows) >= num_docs:
+                if num_windows is not None and len(windows) >= num_windows:
                     return torch.from_numpy(np.stack(windows))
     if not windows:
         raise EvalError(f"--data {data} holds {have} tokens, fewer than one window of --context {context} "
@@ -259,19 +271,20 @@ def plot_curves(path: Path, curves: dict[str, np.ndarray], meta: dict) -> None:
 
 
 def evaluate_long(model_path: str, data: str, out: str | Path, context: int = 32768, alibi_scaling=("none",),
-                  num_docs: int = 8, logits_chunk: int = 1024, dtype="fp32", device=None, overwrite: bool = False,
-                  progress: bool = True) -> dict[str, np.ndarray]:
+                  num_windows: int = 8, logits_chunk: int = 1024, dtype="fp32", device=None, overwrite: bool = False,
+                  progress: bool = True, *, num_docs: int | None = None) -> dict[str, np.ndarray]:
     """``btlm eval-long``: check the settings and ``out`` (before any compute), load the windows and the
     model, compute the loss curves and write them to ``out``. Returns ``{setting label: curve}``."""
     from btlm.io import check_output_dir
 
-    if num_docs < 1:
-        raise EvalError(f"--num-docs must be at least 1, got {num_docs}")
+    num_windows = _renamed_num_windows(num_windows, num_docs)
+    if num_windows < 1:
+        raise EvalError(f"--num-windows must be at least 1, got {num_windows}")
     settings = [parse_scaling(s) for s in alibi_scaling]
     if len({s.label for s in settings}) != len(settings):
         raise EvalError(f"--alibi-scaling lists a setting twice: {list(alibi_scaling)}")
     check_output_dir(out, overwrite, what="--out")
-    windows = load_windows(data, context, num_docs)
+    windows = load_windows(data, context, num_windows)
     model, trained = load_for_context(model_path, context, dtype=dtype, device=device)
     if int(windows.max()) >= model.config.vocab_size:
         raise EvalError(f"--data {data} has token id {int(windows.max())} >= the model's vocab_size "

@@ -3,7 +3,7 @@
 A from-scratch, `transformers`-native re-implementation of Cerebras' ``modeling_btlm.py`` (the remote code
 of ``cerebras/btlm-3b-8k-base``). It keeps the released module tree, parameter names and GPT-2 ``Conv1D``
 weight layout ``[in, out]``, so the released checkpoint loads unchanged, and it computes the same logits.
-The math follows ``shared/spec/btlm_model.md`` §c; section numbers below refer to it.
+The math is the remote code's in eval mode, quirks included; the comment at each quirk says what it is.
 
 Two attention paths share one ALiBi implementation (:func:`alibi_bias`):
 
@@ -147,7 +147,7 @@ _BTLM_COMMON = dict(
     architectures=["BTLMLMHeadModel"],
 )
 
-#: Named model shapes. ``3b`` is the released ``cerebras/btlm-3b-8k-base`` config (§a); ``mup_width_scale``
+#: Named model shapes. ``3b`` is the released ``cerebras/btlm-3b-8k-base`` config; ``mup_width_scale``
 #: follows the muP base width 256 of BTLM (256 / n_embd), and n_inner ≈ 8/3·n_embd as in the release.
 PRESETS: dict[str, dict] = {
     "3b": dict(_BTLM_COMMON, n_embd=2560, n_layer=32, n_head=32, n_inner=6826, mup_width_scale=0.1,
@@ -165,7 +165,7 @@ def config_from_preset(name: str, **overrides) -> BTLMConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# ALiBi (§c.2) — the one implementation every attention path uses
+# ALiBi — the one implementation every attention path uses
 # --------------------------------------------------------------------------------------------------
 
 
@@ -235,7 +235,7 @@ class AlibiPositionEmbeddingLayer(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Attention (§c.3)
+# Attention
 # --------------------------------------------------------------------------------------------------
 
 # Upper bound on the elements of one chunk's bias+mask tensor [B, H, chunk, K] in the SDPA path
@@ -271,7 +271,7 @@ class BTLMAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if past_key_values is not None:
             # The cached K/V are used as given (never recomputed): with dynamic interpolation this is
-            # what makes cached decoding depend on history, exactly as in the original (§c.7).
+            # what makes cached decoding depend on history, exactly as in the original.
             k, v = past_key_values.update(k, v, self.layer_idx)
             # A static (pre-allocated) cache returns all its max_cache_len slots; the first K are filled.
             k, v = k[:, :, : attn_context["key_length"]], v[:, :, : attn_context["key_length"]]
@@ -283,7 +283,7 @@ class BTLMAttention(nn.Module):
         return self.resid_dropout(self.c_proj(out))
 
     def _eager(self, q, k, v, ctx):
-        """The original ``_attn``: scale, causal ``where``, + padding mask, + ALiBi, softmax (§c.3)."""
+        """The original ``_attn``: scale, causal ``where``, + padding mask, + ALiBi, softmax."""
         T, K = q.shape[-2], k.shape[-2]
         if self.config.reorder_and_upcast_attn:  # numerics only: scores and softmax in fp32
             q, k = q.float(), k.float()
@@ -447,9 +447,10 @@ class BTLMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """muP init (§e): hidden Conv1D weights ``N(0, σ·√mup_width_scale)``, the two output projections
+        """muP init: hidden Conv1D weights ``N(0, σ·√mup_width_scale)``, the two output projections
         ``c_proj`` that divided by ``√(2·n_layer)``, embeddings ``N(0, σ)``, biases 0, LayerNorm 1/0, exact
-        ALiBi slopes. ``σ = initializer_range`` (0.073 for BTLM-3B → 0.0231 and 0.00289)."""
+        ALiBi slopes. ``σ = initializer_range`` (0.073 for BTLM-3B → 0.0231 and 0.00289, the stds of the
+        Model Zoo BTLM config)."""
         cfg = self.config
         hidden_std = cfg.initializer_range * math.sqrt(cfg.mup_width_scale)
         if isinstance(module, (Conv1D, nn.Linear)):
@@ -469,14 +470,14 @@ class BTLMPreTrainedModel(PreTrainedModel):
             init.copy_(module.slopes, torch.tensor(alibi_slopes(module.n_head)).unsqueeze(-1))
 
     def get_mup_param_groups(self, lr: float, weight_decay: float = 0.0, decoupled_wd: bool = True) -> list[dict]:
-        """Optimizer parameter groups for muP training (§d), to pass to ``torch.optim.AdamW``.
+        """Optimizer parameter groups for muP training, to pass to ``torch.optim.AdamW``.
 
         * ``hidden``: every Conv1D weight, at ``lr·mup_width_scale`` with ``weight_decay`` (or
           ``weight_decay/mup_width_scale`` when ``decoupled_wd=False``, the MuAdam convention).
         * ``embedding``: the (tied) token embedding, at ``lr`` with ``weight_decay``.
         * ``no_decay``: LayerNorm weights and biases and every bias, at ``lr`` without weight decay. The
-          spec is unsure whether Conv1D biases belong here or in ``hidden``; we follow the Cerebras
-          training semantics (biases: lr×1, no weight decay).
+          released method's source is not public, so whether Conv1D biases belong here or in ``hidden`` is unknown;
+          we follow the Cerebras training semantics (biases: lr×1, no weight decay).
         The ALiBi slopes are excluded (they are fixed: a frozen parameter, also after loading).
         Empty groups are dropped.
         """
@@ -570,11 +571,11 @@ class BTLMModel(BTLMPreTrainedModel):
         self._check_inputs(input_ids, past_length, T)
 
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
-        if self.wpe is not None:  # learned positions are added before the muP scale (§c.1)
+        if self.wpe is not None:  # learned positions are added before the muP scale
             if position_ids is None:
                 position_ids = torch.arange(past_length, past_length + T, device=x.device)[None]
             x = x + self.wpe(position_ids)
-        # HF multiplies by a tensor in the activation dtype, so in bf16 the factor is 14.625 (§c.1).
+        # HF multiplies by a tensor in the activation dtype, so in bf16 the factor is 14.625.
         x = x * torch.tensor(self.config.mup_embeddings_scale, dtype=x.dtype, device=x.device)
         x = self.drop(x)
 
@@ -588,7 +589,7 @@ class BTLMModel(BTLMPreTrainedModel):
             key_length=K,
             key_mask=attention_mask,
             alibi=self.relative_pe,
-            divisor=alibi_divisor(self.config.alibi_scaling, K),  # one divisor for the whole forward (§c.2)
+            divisor=alibi_divisor(self.config.alibi_scaling, K),  # one divisor for the whole forward
             device=x.device,
         )
         for block in self.h:
@@ -598,7 +599,7 @@ class BTLMModel(BTLMPreTrainedModel):
 
 
 class BTLMLMHeadModel(BTLMPreTrainedModel, GenerationMixin):
-    """BTLM with the tied LM head; logits × ``mup_output_alpha·mup_width_scale`` (§c.4)."""
+    """BTLM with the tied LM head; logits × ``mup_output_alpha·mup_width_scale``."""
 
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 

@@ -1,6 +1,6 @@
 """Training checkpoints: ``<model_dir>/checkpoint_<global_step>.mdl``, written atomically.
 
-Contents follow the Model Zoo layout (spec §6.1): ``model``, ``optimizer``, ``lr_scheduler``,
+Contents follow the Model Zoo checkpoint layout: ``model``, ``optimizer``, ``lr_scheduler``,
 ``dataloader``, ``grad_scaler`` (when used), ``global_step``, ``rng`` and ``__metadata__`` (the params).
 Only tensors and plain Python containers / numbers / strings are stored, so every checkpoint loads
 with ``torch.load(weights_only=True)`` — nothing arbitrary is ever unpickled. Model keys are the HF
@@ -28,7 +28,7 @@ from btlm.errors import BTLMError
 logger = logging.getLogger("btlm.train")
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)(?:_(\d{8}_\d{6}))?\.(mdl|dcp)$")
-#: States ``--load_checkpoint_states`` may name (spec §1.1).
+#: States ``--load_checkpoint_states`` may name (the Model Zoo set).
 LOADABLE_STATES = ("model", "optimizer", "dataloader", "grad_scaler", "lr_scheduler", "global_step")
 FORMAT_VERSION = 1
 
@@ -107,7 +107,7 @@ def load_checkpoint_file(path: str | Path) -> dict:
 
 
 def parse_load_states(spec: str | None) -> set[str]:
-    """``--load_checkpoint_states model,optimizer`` → a set; unknown names are an error (spec §1.1)."""
+    """``--load_checkpoint_states model,optimizer`` → a set; unknown names are an error."""
     if not spec:
         return set(LOADABLE_STATES)
     states = {s.strip() for s in spec.split(",") if s.strip()}

@@ -33,7 +33,7 @@ from pydantic import (
 
 logger = logging.getLogger("btlm.train")
 
-#: Keys that only configure Cerebras systems (spec §7.2); accepted anywhere and ignored.
+#: Keys that only configure Cerebras systems (CS-2 clusters); accepted anywhere and ignored.
 CEREBRAS_ONLY_KEYS = frozenset(
     {
         "use_cs_grad_accum", "micro_batch_size", "use_appliance_data", "use_worker_cache", "num_csx",
@@ -68,7 +68,7 @@ class _Section(BaseModel):
 
 # --------------------------------------------------------------------------------------------------
 # Learning-rate schedules. Each config object *is* the schedule: ``sched(t)`` is the learning rate
-# at scheduler step t (0 at the first optimizer update). Closed forms follow cstorch (spec §2.3).
+# at scheduler step t (0 at the first optimizer update). Closed forms follow cstorch's schedulers.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -319,7 +319,7 @@ class InitializerConfig(BaseModel):
 
 
 class ModelConfig(_Section):
-    """``model``: a GPT-2 style decoder with ALiBi, SwiGLU and muP scalars (spec §2.2)."""
+    """``model``: a GPT-2 style decoder with ALiBi, SwiGLU and muP scalars."""
 
     hidden_size: PositiveInt
     num_hidden_layers: PositiveInt
@@ -417,14 +417,14 @@ class ModelConfig(_Section):
 
     @property
     def half_dtype(self) -> str:
-        """The autocast dtype: cbfloat16 is a Cerebras format and maps to bfloat16 (spec §7.2)."""
+        """The autocast dtype: cbfloat16 is a Cerebras format and maps to bfloat16."""
         if self.use_bfloat16:
             return "bfloat16"
         return "bfloat16" if self.fp16_type == "cbfloat16" else self.fp16_type
 
 
 class OptimizerConfig(_Section):
-    """``optimizer``: AdamW with muP learning-rate groups and a (sequential) LR schedule (spec §2.3)."""
+    """``optimizer``: AdamW with muP learning-rate groups and a (sequential) LR schedule."""
 
     optimizer_type: str = "AdamW"
     learning_rate: NonNegativeFloat | ScheduleConfig | list[ScheduleConfig]
@@ -476,7 +476,7 @@ class OptimizerConfig(_Section):
 
 
 class RunConfig(_Section):
-    """``runconfig`` plus the CLI flags merged into it (spec §1.1, §2.4)."""
+    """``runconfig`` plus the CLI flags merged into it (a flag that is given overrides the YAML key)."""
 
     mode: Literal["train", "eval", "eval_all", "train_and_eval"] | None = None
     target_device: Literal["CPU", "GPU"] | None = None

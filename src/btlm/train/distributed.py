@@ -2,7 +2,7 @@
 
 A run is distributed when it is launched by ``torchrun`` (``RANK``/``WORLD_SIZE`` set) or when
 ``runconfig.enable_distributed: True`` on GPU, in which case ``btlm run`` relaunches itself under
-``torchrun --nproc_per_node=<local GPUs>`` (the Model Zoo behaviour, spec §1.2). Multi-node: start
+``torchrun --nproc_per_node=<local GPUs>`` (what Model Zoo's ``run.py`` does). Multi-node: start
 ``torchrun --nnodes=N --node_rank=i --nproc_per_node=G --rdzv_endpoint=HOST:PORT -m btlm run GPU ...``
 on every node.
 
@@ -51,10 +51,6 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1 or self.strategy != "none"
 
 
 def launched_by_torchrun() -> bool:

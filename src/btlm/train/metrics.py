@@ -1,4 +1,4 @@
-"""Eval metrics of the Model Zoo GPT-2 model (spec §5): ``loss``, ``eval/lm_perplexity``, ``eval/accuracy``."""
+"""Eval metrics of the Model Zoo GPT-2 model: ``loss``, ``eval/lm_perplexity``, ``eval/accuracy``."""
 
 from __future__ import annotations
 

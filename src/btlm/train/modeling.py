@@ -1,6 +1,6 @@
 """Model Zoo ``model:`` section → :class:`btlm.model.BTLMConfig`, Model Zoo initialisation, and the loss.
 
-Name mapping (spec §6.3, the Cerebras HF↔CS converter): ``hidden_size→n_embd``,
+Name mapping (that of the Cerebras HF↔CS checkpoint converter): ``hidden_size→n_embd``,
 ``num_hidden_layers→n_layer``, ``num_heads→n_head``, ``filter_size→n_inner``,
 ``max_position_embeddings→n_positions``, ``nonlinearity→activation_function``, dropouts,
 ``embeddings_scale→mup_embeddings_scale``, ``scale_qk_dot_by_d→mup_scale_qk_dot_by_d``,
@@ -132,13 +132,13 @@ def effective_initializers(cfg: ModelConfig) -> dict[str, InitializerConfig]:
 
 
 def initialize_weights(model: nn.Module, cfg: ModelConfig) -> None:
-    """Re-initialise ``model`` with the YAML's initializers (Model Zoo rules, spec §2.2).
+    """Re-initialise ``model`` with the YAML's initializers (Model Zoo rules).
 
     ``embedding_initializer`` → token (and learned position) embeddings; ``initializer`` → q/k/v (and
     both FFN input projections unless ``ffn_initializer``); ``output_layer_initializer`` → attention
     output (and FFN output unless ``ffn_output_layer_initializer``); muP scaling per
     :func:`effective_initializers`. Biases 0, LayerNorm 1/0. Model Zoo leaves
-    ``linear_layer_for_glu.bias`` at torch's uniform default (a quirk, spec §7.3); we zero it like
+    ``linear_layer_for_glu.bias`` at torch's uniform default (a quirk of its code); we zero it like
     every other bias (documented choice).
     """
     inits = effective_initializers(cfg)
@@ -173,7 +173,7 @@ def build_model(model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig | None = 
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """``GPTLMHeadModelLoss`` (spec §2.2); labels are already the next tokens (shifted at preprocessing).
+    """Model Zoo's ``GPTLMHeadModelLoss``; labels are already the next tokens (shifted at preprocessing).
 
     ``batch_size``: ``Σ ce·m / B · loss_weight`` (= per-token mean for packed data with
     ``loss_weight = 1/msl``; padding still counts in the denominator); ``num_tokens``: ``Σ ce·m / Σ m``.

@@ -1,6 +1,6 @@
 """Optimizer, parameter groups and learning-rate scheduler with Model Zoo (cstorch) semantics.
 
-* Parameter groups (spec §2.3): no weight decay for biases and normalisation layers; learning-rate
+* Parameter groups: no weight decay for biases and normalisation layers; learning-rate
   multipliers from ``optimizer.adjust_learning_rate`` — ``decoder_kernel`` scales every weight matrix
   inside the decoder blocks (muP: ``lr x mup_width_scale``), ``embedding`` the token embedding (tied to
   the output layer) — or from the muP base sizes of the Model Zoo 2.3+ spelling, which give three
@@ -89,7 +89,7 @@ def build_param_groups(model: nn.Module, cfg: OptimizerConfig, model_cfg: ModelC
 
 
 class AdamW(torch.optim.Optimizer):
-    """AdamW as in cstorch / HF (spec §2.3).
+    """AdamW as in cstorch / HF.
 
     ``u = m / (sqrt(v) + eps)``; with ``correct_bias`` ``u *= sqrt(1 - b2^t) / (1 - b1^t)``;
     ``p -= lr * (u + weight_decay * p)``. State: ``exp_avg``, ``exp_avg_sq``, ``beta1_power``,

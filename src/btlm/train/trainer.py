@@ -43,7 +43,7 @@ class TrainingError(BTLMError, RuntimeError):
 def make_dataloader(cfg: InputConfig, env: D.DistEnv):
     """The ``GptHDF5MapDataProcessor`` DataLoader for a ``train_input`` / ``eval_input`` section.
 
-    Each data-parallel rank reads a disjoint share (whole batches dealt round-robin, spec §4).
+    Each data-parallel rank reads a disjoint share (whole batches dealt round-robin, as Model Zoo's sampler does).
     """
     from btlm.data.loader import IGNORED_KEYS, KNOWN_KEYS, GptHDF5MapDataProcessor
 
@@ -229,7 +229,7 @@ class Runner:
         mask = batch["attention_mask"].to(self.env.device, non_blocking=True)
         with self._autocast():
             # attention_mask is the *loss* mask in Model Zoo data: attention stays causal over the
-            # packed row (spec §2.2), so it is not passed to the model.
+            # packed row (documents attend across EOS), so it is not passed to the model.
             logits = model(input_ids=input_ids, use_cache=False).logits
         return logits, labels, mask, lm_loss(logits, labels, mask, self.params.model)
 
