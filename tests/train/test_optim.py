@@ -216,3 +216,87 @@ def test_saving_empty_optimizer_state_takes_no_update(kind):
         o.step()
     for (name, a), b in zip(ref_model.named_parameters(), model.parameters()):
         assert torch.equal(a, b), name
+
+
+def _with_linear_projections(model):
+    """``model`` with every GPT-2 ``Conv1D`` replaced by an ``nn.Linear`` of the same shape."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Conv1D):
+            parent, _, leaf = name.rpartition(".")
+            d_in, d_out = module.weight.shape
+            setattr(model.get_submodule(parent), leaf, torch.nn.Linear(d_in, d_out))
+    return model
+
+
+@pytest.mark.parametrize("layout", ["released", "untied_linear_head", "linear_projections", "learned_positions"])
+def test_trainer_and_model_give_the_same_mup_groups(layout):
+    """``build_param_groups`` (the trainer) and ``get_mup_param_groups`` (HF users) go through the model's one
+    muP rule: the same parameters, in the same order, in groups with the same lr scale and weight decay."""
+    from btlm.model import BTLMLMHeadModel, config_from_preset
+    from btlm.model.model import MUP_DECODER_GROUPS
+    from btlm.train.config import DECODER_LR_GROUPS
+
+    width, wd = 0.25, 0.1
+    overrides = {"untied_linear_head": dict(tie_word_embeddings=False),
+                 "learned_positions": dict(position_embedding_type="learned", n_positions=64)}.get(layout, {})
+    model = BTLMLMHeadModel(config_from_preset("tiny", mup_width_scale=width, **overrides))
+    if layout == "linear_projections":
+        _with_linear_projections(model)
+    opt_cfg = OptimizerConfig(learning_rate=1.0, weight_decay=wd, adjust_learning_rate={"decoder_kernel": width})
+    trainer = {g["name"]: g for g in build_param_groups(model, opt_cfg)}
+    hf = {g["name"]: g for g in model.get_mup_param_groups(lr=1.0, weight_decay=wd)}
+    assert set(trainer) == {"decoder_kernel", "embedding", "no_decay"}
+    assert MUP_DECODER_GROUPS == DECODER_LR_GROUPS  # the model's decoder groups are the trainer's lr groups
+    for t_name, h_name in (("decoder_kernel", "hidden"), ("embedding", "embedding"), ("no_decay", "no_decay")):
+        assert [id(p) for p in trainer[t_name]["params"]] == [id(p) for p in hf[h_name]["params"]], t_name
+        assert trainer[t_name]["adjust_learning_rate"] == pytest.approx(hf[h_name]["lr"])
+        assert trainer[t_name]["weight_decay"] == hf[h_name]["weight_decay"]
+    named = dict(model.named_parameters())
+    assert len(trainer["decoder_kernel"]["params"]) == 5 * model.config.n_layer
+    embedding = {id(p) for p in trainer["embedding"]["params"]}
+    assert id(model.transformer.wte.weight) in embedding
+    assert (id(model.lm_head.weight) in embedding) and (len(embedding) == 1 + (layout in ("untied_linear_head",
+                                                                                           "learned_positions")))
+    listed = [id(p) for g in trainer.values() for p in g["params"]]
+    assert sorted(listed) == sorted(id(p) for n, p in named.items() if "slopes" not in n)
+
+
+def test_mup_kinds_do_not_depend_on_the_projection_type():
+    """Conv1D or nn.Linear projections, any name prefix: the same muP kind, so the same init and lr."""
+    from btlm.model import BTLMLMHeadModel, config_from_preset, mup_named_parameters
+
+    def kinds(model):
+        return {n: k for n, k, _ in mup_named_parameters(model)}
+
+    cfg = config_from_preset("tiny", tie_word_embeddings=False)
+    conv, linear = BTLMLMHeadModel(cfg), _with_linear_projections(BTLMLMHeadModel(cfg))
+    assert kinds(conv) == kinds(linear)
+    got = kinds(conv)
+    assert [got[f"transformer.h.0.{m}.weight"] for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_fc2",
+                                                          "mlp.c_proj")] == [
+        "attention", "attention_output", "ffn", "ffn", "ffn_output"]
+    assert (got["transformer.h.1.attn.c_attn.bias"], got["transformer.ln_f.weight"], got["transformer.ln_f.bias"],
+            got["transformer.relative_pe.slopes"], got["lm_head.weight"]) == ("bias", "norm", "bias", "alibi_slopes",
+                                                                             "output")
+    block = {n: k for n, k, _ in mup_named_parameters(conv.transformer.h[1])}  # a block on its own
+    assert all(block[n] == got[f"transformer.h.1.{n}"] for n in block)
+    # the untied nn.Linear head gets the hidden init (σ·√width); the trainer puts it at lr×1 with the embedding
+    torch.manual_seed(0)
+    wide = BTLMLMHeadModel(config_from_preset("tiny", n_embd=256, n_head=4, mup_width_scale=0.1,
+                                              tie_word_embeddings=False))
+    assert wide.lm_head.weight.std().item() == pytest.approx(0.073 * math.sqrt(0.1), rel=0.03)
+
+
+def test_a_trainable_parameter_without_a_mup_rule_is_refused():
+    from btlm.model import BTLMLMHeadModel, config_from_preset
+
+    model = BTLMLMHeadModel(config_from_preset("tiny"))
+    model.transformer.h[0].attn.register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))
+    with pytest.raises(ValueError, match="transformer.h.0.attn.extra"):
+        build_param_groups(model, OptimizerConfig(learning_rate=1.0))
+    with pytest.raises(ValueError, match="transformer.h.0.attn.extra"):
+        model.get_mup_param_groups(lr=1.0)
+    model.transformer.h[0].attn.extra.requires_grad_(False)  # frozen parameters are left out by both
+    assert len(build_param_groups(model, OptimizerConfig(learning_rate=1.0))) == 3

@@ -17,6 +17,10 @@ from .model import (
     alibi_slopes,
     check_token_ids,
     config_from_preset,
+    mup_init_std,
+    mup_named_parameters,
+    mup_optimizer_groups,
+    mup_param_kind,
     validate_alibi_scaling,
 )
 

@@ -20,6 +20,7 @@ Two attention paths share one ALiBi implementation (:func:`alibi_bias`):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -253,7 +254,6 @@ class BTLMAttention(nn.Module):
         self.n_head, self.head_dim, self.embed_dim = config.n_head, config.head_dim, config.n_embd
         self.c_attn = Conv1D(3 * self.embed_dim, self.embed_dim)
         self.c_proj = Conv1D(self.embed_dim, self.embed_dim)
-        self.c_proj.is_residual_projection = True  # muP/GPT-2 init: std / √(2·n_layer)
         self.attn_dropout = nn.Dropout(config.attn_pdrop)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
         # muP: scores are divided by d (not √d) when mup_scale_qk_dot_by_d; BTLM-3B divides by 80.
@@ -404,7 +404,6 @@ class BTLMMLP(nn.Module):
         if self.swiglu:
             self.c_fc2 = Conv1D(inner, config.n_embd)
         self.c_proj = Conv1D(config.n_embd, inner)
-        self.c_proj.is_residual_projection = True
         self.act = nn.SiLU() if self.swiglu else ACT2FN[config.activation_function]
         self.dropout = nn.Dropout(config.resid_pdrop)
 
@@ -430,6 +429,112 @@ class BTLMBlock(GradientCheckpointingLayer):
 
 
 # --------------------------------------------------------------------------------------------------
+# muP parameter kinds: the one rule behind the initialisation and every optimizer grouping
+# --------------------------------------------------------------------------------------------------
+
+#: Normalisation layers: their weights (and biases) are never weight-decayed.
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
+
+#: The decoder's weight-matrix optimizer groups (Model Zoo's ``adjust_learning_rate`` names); with one muP
+#: width they share one learning rate (``hidden`` in :meth:`~BTLMPreTrainedModel.get_mup_param_groups`).
+MUP_DECODER_GROUPS = ("decoder_attention", "decoder_input_ffn", "decoder_output_ffn")
+
+#: The optimizer group of each muP kind: decoder weight matrices at the width-scaled learning rate, the
+#: embedding and an untied LM head at lr×1, norms and biases at lr×1 without weight decay. The ALiBi slopes
+#: (kind ``alibi_slopes``) are in no group: they are fixed.
+MUP_KIND_GROUPS = {
+    "attention": "decoder_attention",
+    "attention_output": "decoder_attention",
+    "ffn": "decoder_input_ffn",
+    "ffn_output": "decoder_output_ffn",
+    "embedding": "embedding",
+    "output": "embedding",
+    "norm": "no_decay",
+    "bias": "no_decay",
+}
+
+
+def mup_param_kind(module_name: str, param_name: str, module: nn.Module) -> str | None:
+    """The muP kind of parameter ``param_name`` of ``module``, which is named ``module_name`` in its model.
+
+    Names are matched by their last parts, so any prefix (``transformer.``, a wrapper's ``_orig_mod.``) and
+    the module's own model (block, decoder, LM model) give the same kind; projections may be GPT-2
+    ``Conv1D`` or ``nn.Linear`` alike.
+
+    * ``alibi_slopes``: the ALiBi slopes (fixed; whatever their ``requires_grad``).
+    * ``norm``: a normalisation layer's weight. ``bias``: the ``bias`` of a norm, projection or embedding.
+    * ``embedding``: an ``nn.Embedding`` weight (tokens, learned positions).
+    * ``attention`` / ``attention_output``: a projection weight under an ``attn`` module, ``c_proj`` the
+      output; ``ffn`` / ``ffn_output``: under an ``mlp`` module (``c_fc``, ``c_fc2``) / its ``c_proj``.
+    * ``output``: the ``lm_head`` weight (a parameter of its own only when not tied to the embedding).
+
+    ``None``: no rule (a layer this model does not have).
+    """
+    if isinstance(module, AlibiPositionEmbeddingLayer):
+        return "alibi_slopes"
+    if not isinstance(module, (*NORM_TYPES, nn.Embedding, Conv1D, nn.Linear)):
+        return None
+    if param_name == "bias":
+        return "bias"
+    if param_name != "weight":
+        return None
+    if isinstance(module, NORM_TYPES):
+        return "norm"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    path = f".{module_name}."
+    leaf = module_name.rsplit(".", 1)[-1]
+    if ".attn." in path:
+        return "attention_output" if leaf == "c_proj" else "attention"
+    if ".mlp." in path:
+        return "ffn_output" if leaf == "c_proj" else "ffn"
+    return "output" if leaf == "lm_head" else None
+
+
+def mup_init_std(config: BTLMConfig, kind: str) -> float:
+    """Std of the normal muP init of a weight of ``kind``, ``σ = initializer_range``: embeddings
+    ``σ``; decoder projections and the LM head ``σ·√mup_width_scale``; the two output projections that
+    divided by ``√(2·n_layer)`` (two residual branches per block). BTLM-3B: 0.073, 0.0231, 0.00289."""
+    if kind == "embedding":
+        return config.initializer_range
+    hidden_std = config.initializer_range * math.sqrt(config.mup_width_scale)
+    if kind in ("attention_output", "ffn_output"):
+        return hidden_std / math.sqrt(2 * config.n_layer)
+    if kind in ("attention", "ffn", "output"):
+        return hidden_std
+    raise ValueError(f"muP kind {kind!r} has no normal init")
+
+
+def mup_named_parameters(model: nn.Module) -> Iterator[tuple[str, str | None, nn.Parameter]]:
+    """``(name, kind, param)`` of every parameter of ``model`` once, in module order; a tied parameter under
+    its first name (``transformer.wte.weight``, not ``lm_head.weight``). Kinds from :func:`mup_param_kind`."""
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                name = f"{module_name}.{param_name}" if module_name else param_name
+                yield name, mup_param_kind(module_name, param_name, module), param
+
+
+def mup_optimizer_groups(model: nn.Module) -> dict[str, tuple[str, nn.Parameter]]:
+    """Map each trainable parameter's name to ``(optimizer group, param)`` (:data:`MUP_KIND_GROUPS`).
+
+    Left out: the ALiBi slopes and parameters with ``requires_grad=False``. A trainable parameter with no
+    rule raises ``ValueError``. The trainer and :meth:`~BTLMPreTrainedModel.get_mup_param_groups` both
+    group through this function.
+    """
+    groups: dict[str, tuple[str, nn.Parameter]] = {}
+    for name, kind, param in mup_named_parameters(model):
+        if kind == "alibi_slopes" or not param.requires_grad:
+            continue
+        if kind is None:
+            raise ValueError(f"parameter {name} has no muP parameter group rule")
+        groups[name] = (MUP_KIND_GROUPS[kind], param)
+    return groups
+
+
+# --------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------
 
@@ -447,39 +552,35 @@ class BTLMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """muP init: hidden Conv1D weights ``N(0, σ·√mup_width_scale)``, the two output projections
-        ``c_proj`` that divided by ``√(2·n_layer)``, embeddings ``N(0, σ)``, biases 0, LayerNorm 1/0, exact
-        ALiBi slopes. ``σ = initializer_range`` (0.073 for BTLM-3B → 0.0231 and 0.00289, the stds of the
-        Model Zoo BTLM config)."""
-        cfg = self.config
-        hidden_std = cfg.initializer_range * math.sqrt(cfg.mup_width_scale)
-        if isinstance(module, (Conv1D, nn.Linear)):
-            if getattr(module, "is_residual_projection", False):
-                std = hidden_std / math.sqrt(2 * cfg.n_layer)  # two residual branches per block
-            else:
-                std = hidden_std
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=cfg.initializer_range)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-        elif isinstance(module, AlibiPositionEmbeddingLayer):
-            init.copy_(module.slopes, torch.tensor(alibi_slopes(module.n_head)).unsqueeze(-1))
+        """muP init of ``module``'s parameters by their :func:`mup_param_kind`: weights
+        ``N(0, mup_init_std)`` (hidden ``σ·√mup_width_scale``, the two output projections that divided by
+        ``√(2·n_layer)``, embeddings ``σ``; ``σ = initializer_range``, 0.073 for BTLM-3B → 0.0231 and
+        0.00289, the stds of the Model Zoo BTLM config), norm weights 1, biases 0, exact ALiBi slopes."""
+        module_name = next((name for name, m in self.named_modules() if m is module), "")
+        for param_name, param in module.named_parameters(recurse=False):
+            kind = mup_param_kind(module_name, param_name, module)
+            if kind == "alibi_slopes":
+                init.copy_(param, torch.tensor(alibi_slopes(module.n_head)).unsqueeze(-1))
+            elif kind == "bias":
+                init.zeros_(param)
+            elif kind == "norm":
+                init.ones_(param)
+            elif kind is not None:
+                init.normal_(param, mean=0.0, std=mup_init_std(self.config, kind))
 
     def get_mup_param_groups(self, lr: float, weight_decay: float = 0.0, decoupled_wd: bool = True) -> list[dict]:
         """Optimizer parameter groups for muP training, to pass to ``torch.optim.AdamW``.
 
-        * ``hidden``: every Conv1D weight, at ``lr·mup_width_scale`` with ``weight_decay`` (or
+        The groups of :func:`mup_optimizer_groups` (the trainer's), with one width for the decoder:
+
+        * ``hidden``: the decoder's projection weights, at ``lr·mup_width_scale`` with ``weight_decay`` (or
           ``weight_decay/mup_width_scale`` when ``decoupled_wd=False``, the MuAdam convention).
-        * ``embedding``: the (tied) token embedding, at ``lr`` with ``weight_decay``.
-        * ``no_decay``: LayerNorm weights and biases and every bias, at ``lr`` without weight decay. The
-          released method's source is not public, so whether Conv1D biases belong here or in ``hidden`` is unknown;
+        * ``embedding``: the (tied) token embedding, learned positions, an untied LM head: ``lr``, ``weight_decay``.
+        * ``no_decay``: norm weights and every bias, at ``lr`` without weight decay. The released
+          method's source is not public, so whether Conv1D biases belong here or in ``hidden`` is unknown;
           we follow the Cerebras training semantics (biases: lr×1, no weight decay).
-        The ALiBi slopes are excluded (they are fixed: a frozen parameter, also after loading).
-        Empty groups are dropped.
+        The ALiBi slopes are excluded (they are fixed: a frozen parameter, also after loading), and so is
+        every parameter with ``requires_grad=False``. Empty groups are dropped.
         """
         width = self.config.mup_width_scale
         hidden_wd = weight_decay if decoupled_wd else weight_decay / width
@@ -488,20 +589,8 @@ class BTLMPreTrainedModel(PreTrainedModel):
             "embedding": dict(params=[], lr=lr, weight_decay=weight_decay),
             "no_decay": dict(params=[], lr=lr, weight_decay=0.0),
         }
-        seen: set[int] = set()
-        for module_name, module in self.named_modules():
-            for name, param in module.named_parameters(recurse=False):
-                if id(param) in seen or isinstance(module, AlibiPositionEmbeddingLayer):
-                    continue
-                seen.add(id(param))
-                if isinstance(module, nn.LayerNorm) or name == "bias":
-                    groups["no_decay"]["params"].append(param)
-                elif isinstance(module, (nn.Embedding, nn.Linear)):  # wte (lm_head is the same tensor) / wpe
-                    groups["embedding"]["params"].append(param)
-                elif isinstance(module, Conv1D):
-                    groups["hidden"]["params"].append(param)
-                else:
-                    raise RuntimeError(f"no muP parameter group for {module_name}.{name}")
+        for group, param in mup_optimizer_groups(self).values():
+            groups["hidden" if group in MUP_DECODER_GROUPS else group]["params"].append(param)
         return [dict(name=name, **group) for name, group in groups.items() if group["params"]]
 
 

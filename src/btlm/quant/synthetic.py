@@ -10,7 +10,6 @@ so peak memory is one block plus the embedding. The result is an ordinary sharde
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -27,21 +26,20 @@ VARIANTS = ("fp32", "bf16", "int8", "int4")
 
 
 def _random_block(config, index: int, dtype: torch.dtype, gen: torch.Generator):
-    """One ``BTLMBlock`` with random weights: ``N(0, σ²·width_scale)`` for linears (muP hidden init)."""
-    from btlm.model import BTLMBlock
+    """One ``BTLMBlock`` with random weights at the model's muP init scales (``mup_init_std`` per kind)."""
+    from btlm.model import BTLMBlock, mup_init_std, mup_named_parameters
 
     with torch.device("meta"):
         block = BTLMBlock(config, index)
     block = block.to_empty(device="cpu").to(dtype)
-    std = config.initializer_range * math.sqrt(config.mup_width_scale)
     with torch.no_grad():
-        for name, p in block.named_parameters():
-            if name.endswith("weight") and p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-            elif ".ln_" in f".{name}" and name.endswith("weight"):
+        for _, kind, p in mup_named_parameters(block):
+            if kind == "norm":
                 p.fill_(1.0)
-            else:
+            elif kind == "bias":
                 p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * mup_init_std(config, kind))
     return block
 
 

@@ -103,7 +103,8 @@ def scale_initializer(init: InitializerConfig, factor: float) -> InitializerConf
 
 def effective_initializers(cfg: ModelConfig) -> dict[str, InitializerConfig]:
     """The initializer of each weight kind: ``embedding``, ``attention`` (q/k/v), ``attention_output``,
-    ``ffn`` (FFN input projections) and ``ffn_output``, after muP scaling.
+    ``ffn`` (FFN input projections) and ``ffn_output`` (the model's ``mup_param_kind`` names), after muP
+    scaling.
 
     Without muP base sizes (2.0-2.2 spelling) the YAML's initializers are used as given; defaults are
     ``trunc_normal(initializer_range)`` and ``initializer_range/√(2L)`` for the output projections.
@@ -141,23 +142,16 @@ def initialize_weights(model: nn.Module, cfg: ModelConfig) -> None:
     ``linear_layer_for_glu.bias`` at torch's uniform default (a quirk of its code); we zero it like
     every other bias (documented choice).
     """
+    from btlm.model import mup_named_parameters
+
     inits = effective_initializers(cfg)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding):
-            _apply_initializer(module.weight, inits["embedding"])
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif hasattr(module, "weight") and module.weight is not None and name.startswith("transformer.h."):
-            if name.endswith("attn.c_proj"):
-                kind = "attention_output"
-            elif name.endswith("mlp.c_proj"):
-                kind = "ffn_output"
-            else:
-                kind = "ffn" if ".mlp." in name else "attention"
-            _apply_initializer(module.weight, inits[kind])
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+    for _, kind, param in mup_named_parameters(model):  # the model's muP kinds: one rule for init and lr
+        if kind == "norm":
+            nn.init.ones_(param)
+        elif kind == "bias":
+            nn.init.zeros_(param)
+        elif kind in inits:  # an untied LM head (kind "output") keeps the model's own init
+            _apply_initializer(param, inits[kind])
 
 
 def build_model(model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig | None = None, seed: int | None = None,

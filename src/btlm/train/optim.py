@@ -23,58 +23,23 @@ import math
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
+
+from btlm.model import mup_optimizer_groups
 
 from .config import DECODER_LR_GROUPS, ModelConfig, OptimizerConfig, lr_multipliers
 
 _POWERS = ("beta1_power", "beta2_power")
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
-
-
-def _is_frozen(name: str, param: nn.Parameter) -> bool:
-    # The model keeps the ALiBi slopes frozen (also after from_pretrained); excluded by name too, so a
-    # model whose slopes were unfrozen by hand still gets Model Zoo's groups.
-    return not param.requires_grad or name.endswith("relative_pe.slopes")
-
-
-def classify_parameters(model: nn.Module) -> dict[str, tuple[str, nn.Parameter]]:
-    """Map each trainable parameter name to ``(kind, param)``.
-
-    kind is one of the decoder weight-matrix groups — ``"decoder_attention"`` (q/k/v and output
-    projection), ``"decoder_input_ffn"`` (``c_fc``, ``c_fc2``), ``"decoder_output_ffn"`` (``mlp.c_proj``)
-    — or ``"embedding"`` (token / position embedding weights) or ``"no_decay"`` (biases and norm layers).
-    Tied parameters appear once (under their first name, ``transformer.wte.weight``).
-    """
-    kinds: dict[str, tuple[str, nn.Parameter]] = {}
-    seen: set[int] = set()
-    for mod_name, module in model.named_modules():
-        for p_name, param in module.named_parameters(recurse=False):
-            name = f"{mod_name}.{p_name}" if mod_name else p_name
-            if id(param) in seen or _is_frozen(name, param):
-                continue
-            seen.add(id(param))
-            if isinstance(module, _NORMS) or "bias" in p_name:
-                kind = "no_decay"
-            elif isinstance(module, nn.Embedding):
-                kind = "embedding"
-            elif isinstance(module, (Conv1D, nn.Linear)) and ".attn." in f".{mod_name}.":
-                kind = "decoder_attention"
-            elif isinstance(module, (Conv1D, nn.Linear)) and mod_name.endswith("mlp.c_proj"):
-                kind = "decoder_output_ffn"
-            elif isinstance(module, (Conv1D, nn.Linear)) and ".mlp." in f".{mod_name}":
-                kind = "decoder_input_ffn"
-            else:
-                raise ValueError(f"parameter {name} ({type(module).__name__}) has no optimizer group rule")
-            kinds[name] = (kind, param)
-    return kinds
 
 
 def build_param_groups(model: nn.Module, cfg: OptimizerConfig, model_cfg: ModelConfig | None = None) -> list[dict]:
     """Optimizer param groups: ``{name, params, weight_decay, adjust_learning_rate}``; empty ones dropped.
 
-    ``model_cfg`` supplies the muP base sizes of the 2.3+ spelling (without it only
-    ``adjust_learning_rate`` counts). The decoder groups are merged into ``decoder_kernel`` when their
-    multipliers are equal (always so in the 2.0-2.2 spelling).
+    Which parameter goes in which group is the model's muP rule (``btlm.model.mup_optimizer_groups``,
+    also behind ``get_mup_param_groups``): the three decoder weight-matrix groups, ``embedding`` (token
+    and position embeddings, an untied LM head), ``no_decay`` (biases and norm layers); ALiBi slopes and
+    frozen parameters are left out, tied parameters appear once. ``model_cfg`` supplies the muP base sizes
+    of the 2.3+ spelling (without it only ``adjust_learning_rate`` counts). The decoder groups are merged
+    into ``decoder_kernel`` when their multipliers are equal (always so in the 2.0-2.2 spelling).
     """
     mults = lr_multipliers(model_cfg, cfg)
     merged = len({mults[k] for k in DECODER_LR_GROUPS}) == 1
@@ -83,8 +48,8 @@ def build_param_groups(model: nn.Module, cfg: OptimizerConfig, model_cfg: ModelC
     groups["embedding"] = {"weight_decay": cfg.weight_decay, "adjust_learning_rate": mults["embedding"]}
     groups["no_decay"] = {"weight_decay": 0.0, "adjust_learning_rate": 1.0}
     members: dict[str, list] = {k: [] for k in groups}
-    for kind, param in classify_parameters(model).values():
-        members["decoder_kernel" if merged and kind in DECODER_LR_GROUPS else kind].append(param)
+    for group, param in mup_optimizer_groups(model).values():
+        members["decoder_kernel" if merged and group in DECODER_LR_GROUPS else group].append(param)
     return [{"name": k, "params": members[k], **groups[k]} for k in groups if members[k]]
 
 
