@@ -211,145 +211,195 @@ def _prepare_output(cfg: dict, fingerprint: dict) -> dict | None:
 
 def run(cfg: dict, batch_chars: int = 1 << 18, log=print) -> dict:
     """Prepare the dataset described by ``cfg`` (see :data:`OPTIONS`); return the data_params dict."""
-    from tqdm.auto import tqdm
+    return Preprocessor(cfg, log).run(batch_chars)
 
-    files = discover_files(cfg["input_dir"], cfg["metadata_files"])
-    tok_spec = TokenizerSpec(cfg["tokenizer_type"], cfg["huggingface_tokenizer"], cfg["vocab_file"], cfg["encoder_file"])
-    tok = BatchTokenizer(tok_spec)
-    eos = cfg["eos_id"] if cfg["eos_id"] is not None else tok.eos_id
-    pad = cfg["pad_id"] if cfg["pad_id"] is not None else (cfg["eos_id"] if cfg["eos_id"] is not None else tok.pad_id)
-    if eos is None or pad is None:
-        raise DataError(f"tokenizer {cfg['huggingface_tokenizer']!r} has no eos token: pass --eos_id")
-    for key, value in (("eos_id", eos), ("pad_id", pad)):
-        if not 0 <= value < tok.vocab_size:
-            raise DataError(f"{key} = {value}: expected an id in [0, {tok.vocab_size}) (the tokenizer's vocab_size)")
-    pairs = cfg.get("dataset_processor") == PROCESSORS["Summarization"]
-    sep_id = _sep_id(tok, cfg["sep_token"], log) if pairs else None
-    fingerprint = _fingerprint(cfg, files)
-    ckpt = _prepare_output(cfg, fingerprint)
-    if ckpt and ckpt.get("complete"):
-        log(f"{cfg['output_dir']} is already complete ({ckpt['shards_written']} shards); nothing to resume")
-        with open(os.path.join(cfg["output_dir"], "data_params.json"), encoding="utf-8") as f:
-            return json.load(f)
 
-    msl, fpr = cfg["max_seq_length"], cfg["files_per_record"]
-    pair_spec = PairSpec(msl, pad, sep_id, cfg["min_sequence_len"]) if pairs else None
-    packer = PairRows() if pairs else Packer(msl, pad, cfg["pack_sequences"], cfg["short_seq_prob"],
-                                              cfg["min_sequence_len"], cfg["seed"])
-    counters, problems, shard_stats = Counter(), [], Counter()
-    shards_written, start, skip_rows = 0, (0, 0), 0
-    if ckpt:
-        snap = ckpt["snapshot"]
-        packer.load_state(snap["packer"])
-        counters, problems = Counter(snap["counters"]), list(snap["problems"])
-        shard_stats, shards_written = Counter(ckpt["shard_stats"]), ckpt["shards_written"]
-        start = tuple(snap["position"])
-        skip_rows = shards_written * fpr - packer.rows_emitted
-        log(f"resuming after {shards_written} shards from {files[start[0]]} record {start[1]}")
+class Preprocessor:
+    """One ``btlm data LMData`` / ``Summarization`` run over the files of ``cfg``.
 
-    processes = cfg["processes"] or os.cpu_count() or 1
-    clean_spec = CleanSpec(cfg["use_ftfy"], cfg["ftfy_normalizer"], cfg["wikitext_detokenize"],
-                           cfg.get("split_text_to_tokenize", False), cfg.get("chunk_len_to_split", 2000))
-    ex = _Executor(processes, (tok_spec, clean_spec, eos, pair_spec))
-    snapshots: deque = deque()  # (rows_emitted, snapshot) at the start of every packed batch
-    writes: deque = deque()  # (index, async result), committed strictly in order
-    pending: list = []
-    state = {"pending_n": 0, "next_shard": shards_written, "shards_written": shards_written}
-    total_bytes = sum(os.path.getsize(f) for f in files)
-    pbar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not cfg["display_pbar"],
-                desc="Summarization" if pairs else "LMData")
-    t0 = time.perf_counter()
+    Documents are read in corpus order, tokenized by the worker pool (results consumed in submission
+    order), packed into rows (or, for pairs, taken one row each) and written as shards of
+    ``files_per_record`` rows, strictly in order, with the resume checkpoint rewritten after every shard.
+    The run's state (rows waiting for a full shard, shards submitted and written, the packer snapshots a
+    checkpoint needs) lives on the object; :meth:`run` is the orchestration.
+    """
 
-    def commit_ready(block: bool) -> None:
-        """Record finished shards (in order) and write the resume checkpoint after each."""
-        while writes and (block or writes[0][1].ready()):
-            idx, res = writes.popleft()
-            shard_stats.update(res.get())
-            state["shards_written"] = idx + 1
-            rows_done = (idx + 1) * fpr
-            while len(snapshots) > 1 and snapshots[1][0] <= rows_done:
-                snapshots.popleft()
-            _atomic_json(os.path.join(cfg["output_dir"], CHECKPOINT), {
-                "fingerprint": fingerprint, "shards_written": idx + 1, "shard_stats": dict(shard_stats),
-                "snapshot": snapshots[0][1], "complete": False}, indent=None)  # compact: written per shard
+    def __init__(self, cfg: dict, log=print):
+        self.cfg, self.log = cfg, log
+        self.files = discover_files(cfg["input_dir"], cfg["metadata_files"])
+        self.tok_spec = TokenizerSpec(cfg["tokenizer_type"], cfg["huggingface_tokenizer"], cfg["vocab_file"],
+                                      cfg["encoder_file"])
+        self.tok = BatchTokenizer(self.tok_spec)
+        self.eos, self.pad = self._special_ids()
+        self.pairs = cfg.get("dataset_processor") == PROCESSORS["Summarization"]
+        self.sep_id = _sep_id(self.tok, cfg["sep_token"], log) if self.pairs else None
+        self.fingerprint = _fingerprint(cfg, self.files)
+        self.msl, self.fpr = cfg["max_seq_length"], cfg["files_per_record"]
 
-    def submit_shard(windows, lengths, starts) -> None:
-        path = os.path.join(cfg["output_dir"], shard_name(cfg, state["next_shard"]))
-        writes.append((state["next_shard"], ex.submit(write_shard, path, windows, lengths, pad, eos,
-                                                      cfg["compression"], cfg["inverted_mask"],
-                                                      starts if pairs else None)))
-        state["next_shard"] += 1
+    def _special_ids(self) -> tuple[int, int]:
+        """The eos and pad ids: the flags', else the tokenizer's (pad defaults to the eos id given)."""
+        cfg, tok = self.cfg, self.tok
+        eos = cfg["eos_id"] if cfg["eos_id"] is not None else tok.eos_id
+        pad = cfg["pad_id"] if cfg["pad_id"] is not None else (cfg["eos_id"] if cfg["eos_id"] is not None else tok.pad_id)
+        if eos is None or pad is None:
+            raise DataError(f"tokenizer {cfg['huggingface_tokenizer']!r} has no eos token: pass --eos_id")
+        for key, value in (("eos_id", eos), ("pad_id", pad)):
+            if not 0 <= value < tok.vocab_size:
+                raise DataError(f"{key} = {value}: expected an id in [0, {tok.vocab_size}) (the tokenizer's vocab_size)")
+        return eos, pad
 
-    def add_rows(windows, lengths, starts=None) -> None:
-        """Queue rows (``starts``: where each row's loss mask begins, None = 0) and submit full shards."""
-        nonlocal skip_rows
-        starts = np.zeros(len(lengths), dtype=np.int32) if starts is None else starts
-        if skip_rows:  # rows already in shards written before the resume point
-            k = min(skip_rows, len(lengths))
-            windows, lengths, starts, skip_rows = windows[k:], lengths[k:], starts[k:], skip_rows - k
-        if len(lengths):
-            pending.append((windows, lengths, starts))
-            state["pending_n"] += len(lengths)
-        if state["pending_n"] >= fpr:
-            w, n, st = (np.concatenate([p[j] for p in pending]) for j in range(3))
-            full = len(n) // fpr * fpr
-            for s in range(0, full, fpr):
-                submit_shard(w[s: s + fpr], n[s: s + fpr], st[s: s + fpr])
-            pending[:] = [(w[full:], n[full:], st[full:])] if full < len(n) else []
-            state["pending_n"] = len(n) - full
+    def run(self, batch_chars: int = 1 << 18) -> dict:
+        """Write the shards, data_params.json and the final checkpoint; return the data_params dict."""
+        ckpt = _prepare_output(self.cfg, self.fingerprint)
+        if ckpt and ckpt.get("complete"):
+            self.log(f"{self.cfg['output_dir']} is already complete ({ckpt['shards_written']} shards); nothing to resume")
+            with open(os.path.join(self.cfg["output_dir"], "data_params.json"), encoding="utf-8") as f:
+                return json.load(f)
+        start = self._restore(ckpt)
+        self._process(start, batch_chars)
+        return self._dump_result()
 
-    def pack(batch: Batch, res) -> None:
+    def _restore(self, ckpt: dict | None) -> tuple[int, int]:
+        """Set up the packer and counters, from the checkpoint when resuming; return the corpus position
+        (file index, record) to read from."""
+        cfg = self.cfg
+        self.pair_spec = PairSpec(self.msl, self.pad, self.sep_id, cfg["min_sequence_len"]) if self.pairs else None
+        self.packer = PairRows() if self.pairs else Packer(self.msl, self.pad, cfg["pack_sequences"],
+                                                           cfg["short_seq_prob"], cfg["min_sequence_len"], cfg["seed"])
+        self.counters, self.problems, self.shard_stats = Counter(), [], Counter()
+        self.shards_written, start, self.skip_rows = 0, (0, 0), 0
+        if ckpt:
+            snap = ckpt["snapshot"]
+            self.packer.load_state(snap["packer"])
+            self.counters, self.problems = Counter(snap["counters"]), list(snap["problems"])
+            self.shard_stats, self.shards_written = Counter(ckpt["shard_stats"]), ckpt["shards_written"]
+            start = tuple(snap["position"])
+            # rows already in shards written before the resume point
+            self.skip_rows = self.shards_written * self.fpr - self.packer.rows_emitted
+            self.log(f"resuming after {self.shards_written} shards from {self.files[start[0]]} record {start[1]}")
+        self.next_shard = self.shards_written
+        self.snapshots: deque = deque()  # (rows_emitted, snapshot) at the start of every packed batch
+        self.writes: deque = deque()  # (index, async result), committed strictly in order
+        self.pending: list = []  # (windows, lengths, starts) not yet in a submitted shard
+        self.pending_n = 0
+        return start
+
+    def _process(self, start: tuple[int, int], batch_chars: int) -> None:
+        """Read, tokenize, pack and write everything from corpus position ``start`` on."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        processes = cfg["processes"] or os.cpu_count() or 1
+        clean_spec = CleanSpec(cfg["use_ftfy"], cfg["ftfy_normalizer"], cfg["wikitext_detokenize"],
+                               cfg.get("split_text_to_tokenize", False), cfg.get("chunk_len_to_split", 2000))
+        self.ex = _Executor(processes, (self.tok_spec, clean_spec, self.eos, self.pair_spec))
+        total_bytes = sum(os.path.getsize(f) for f in self.files)
+        self.pbar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not cfg["display_pbar"],
+                         desc="Summarization" if self.pairs else "LMData")
+        self.t0 = time.perf_counter()
+        ok = False
+        try:
+            inflight: deque = deque()
+            key = (cfg["prompt_key"], cfg["completion_key"]) if self.pairs else cfg["jsonl_key"]
+            for batch in read_batches(self.files, start, key, cfg["strict"], batch_chars):
+                inflight.append((batch, self.ex.submit(tokenize_pairs if self.pairs else tokenize_batch, batch.texts)))
+                if len(inflight) > 2 * processes:
+                    self._pack(*inflight.popleft())
+                    self._commit_ready(block=len(self.writes) > processes)
+            while inflight:
+                self._pack(*inflight.popleft())
+                self._commit_ready(block=False)
+            self._add_rows(*self.packer.finish())
+            if self.pending and cfg["write_remainder"]:
+                self._submit_shard(*self._pending_rows())
+            elif self.pending:
+                self.counters["rows_not_written_remainder"] += self.pending_n
+            self._commit_ready(block=True)
+            ok = True
+        finally:
+            self.ex.close(ok)
+            self.pbar.close()
+
+    def _pack(self, batch: Batch, res) -> None:
+        """Pack one tokenized batch (remembering the state before it for the checkpoints) and queue its rows."""
         out = res.get()
-        snapshots.append((packer.rows_emitted, {"position": list(batch.start), "counters": dict(counters),
-                                                "problems": list(problems), "packer": packer.state()}))
+        counters = self.counters
+        self.snapshots.append((self.packer.rows_emitted, {
+            "position": list(batch.start), "counters": dict(counters), "problems": list(self.problems),
+            "packer": self.packer.state()}))
         counters.update(batch.delta)
-        problems.extend(batch.problems[: MAX_PROBLEMS_LISTED - len(problems)])
-        if pairs:
+        self.problems.extend(batch.problems[: MAX_PROBLEMS_LISTED - len(self.problems)])
+        if self.pairs:
             windows, lengths, starts, skipped, tokens = out
             counters.update({f"discarded_{k}": v for k, v in skipped.items()})
             counters["tokens"] += tokens
-            add_rows(*packer.add(windows, lengths), starts)
+            self._add_rows(*self.packer.add(windows, lengths), starts)
         else:
             counters["tokens"] += len(out[0])
-            add_rows(*packer.add(*out))
-        pbar.update(batch.bytes_done - pbar.n)
-        dt = max(time.perf_counter() - t0, 1e-9)
-        pbar.set_postfix(docs_per_s=f"{counters['documents'] / dt:.0f}", tok_per_s=f"{counters['tokens'] / dt:.3g}")
+            self._add_rows(*self.packer.add(*out))
+        self.pbar.update(batch.bytes_done - self.pbar.n)
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        self.pbar.set_postfix(docs_per_s=f"{counters['documents'] / dt:.0f}", tok_per_s=f"{counters['tokens'] / dt:.3g}")
 
-    ok = False
-    try:
-        inflight: deque = deque()
-        key = (cfg["prompt_key"], cfg["completion_key"]) if pairs else cfg["jsonl_key"]
-        for batch in read_batches(files, start, key, cfg["strict"], batch_chars):
-            inflight.append((batch, ex.submit(tokenize_pairs if pairs else tokenize_batch, batch.texts)))
-            if len(inflight) > 2 * processes:
-                pack(*inflight.popleft())
-                commit_ready(block=len(writes) > processes)
-        while inflight:
-            pack(*inflight.popleft())
-            commit_ready(block=False)
-        add_rows(*packer.finish())
-        if pending and cfg["write_remainder"]:
-            submit_shard(*(np.concatenate([p[j] for p in pending]) for j in range(3)))
-        elif pending:
-            counters["rows_not_written_remainder"] += state["pending_n"]
-        commit_ready(block=True)
-        ok = True
-    finally:
-        ex.close(ok)
-        pbar.close()
+    def _add_rows(self, windows, lengths, starts=None) -> None:
+        """Queue rows (``starts``: where each row's loss mask begins, None = 0) and submit full shards."""
+        fpr = self.fpr
+        starts = np.zeros(len(lengths), dtype=np.int32) if starts is None else starts
+        if self.skip_rows:  # rows already in shards written before the resume point
+            k = min(self.skip_rows, len(lengths))
+            windows, lengths, starts, self.skip_rows = windows[k:], lengths[k:], starts[k:], self.skip_rows - k
+        if len(lengths):
+            self.pending.append((windows, lengths, starts))
+            self.pending_n += len(lengths)
+        if self.pending_n >= fpr:
+            w, n, st = self._pending_rows()
+            full = len(n) // fpr * fpr
+            for s in range(0, full, fpr):
+                self._submit_shard(w[s: s + fpr], n[s: s + fpr], st[s: s + fpr])
+            self.pending = [(w[full:], n[full:], st[full:])] if full < len(n) else []
+            self.pending_n = len(n) - full
 
-    counters["tokens_dropped"] = packer.dropped_tokens
-    counters["discarded_short_document"] = packer.short_documents
-    params = _data_params(cfg, files, counters, problems, shard_stats, state["shards_written"], eos, pad,
-                          tok.vocab_size + (sep_id == tok.vocab_size), time.perf_counter() - t0)
-    if pairs:
-        params["post-process"]["sep_id"] = sep_id
-    _atomic_json(os.path.join(cfg["output_dir"], "data_params.json"), params)
-    _atomic_json(os.path.join(cfg["output_dir"], CHECKPOINT), {
-        "fingerprint": fingerprint, "shards_written": state["shards_written"], "shard_stats": dict(shard_stats),
-        "complete": True})
-    return params
+    def _pending_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The queued rows as one (windows, lengths, starts)."""
+        return tuple(np.concatenate([p[j] for p in self.pending]) for j in range(3))
+
+    def _submit_shard(self, windows, lengths, starts) -> None:
+        cfg = self.cfg
+        path = os.path.join(cfg["output_dir"], shard_name(cfg, self.next_shard))
+        self.writes.append((self.next_shard, self.ex.submit(write_shard, path, windows, lengths, self.pad, self.eos,
+                                                            cfg["compression"], cfg["inverted_mask"],
+                                                            starts if self.pairs else None)))
+        self.next_shard += 1
+
+    def _commit_ready(self, block: bool) -> None:
+        """Record finished shards (in order) and write the resume checkpoint after each."""
+        writes, snapshots = self.writes, self.snapshots
+        while writes and (block or writes[0][1].ready()):
+            idx, res = writes.popleft()
+            self.shard_stats.update(res.get())
+            self.shards_written = idx + 1
+            rows_done = (idx + 1) * self.fpr
+            while len(snapshots) > 1 and snapshots[1][0] <= rows_done:
+                snapshots.popleft()
+            _atomic_json(os.path.join(self.cfg["output_dir"], CHECKPOINT), {
+                "fingerprint": self.fingerprint, "shards_written": idx + 1, "shard_stats": dict(self.shard_stats),
+                "snapshot": snapshots[0][1], "complete": False}, indent=None)  # compact: written per shard
+
+    def _dump_result(self) -> dict:
+        """Write data_params.json and the final (complete) checkpoint; return the data_params dict."""
+        cfg, tok, counters = self.cfg, self.tok, self.counters
+        counters["tokens_dropped"] = self.packer.dropped_tokens
+        counters["discarded_short_document"] = self.packer.short_documents
+        params = _data_params(cfg, self.files, counters, self.problems, self.shard_stats, self.shards_written,
+                              self.eos, self.pad, tok.vocab_size + (self.sep_id == tok.vocab_size),
+                              time.perf_counter() - self.t0)
+        if self.pairs:
+            params["post-process"]["sep_id"] = self.sep_id
+        _atomic_json(os.path.join(cfg["output_dir"], "data_params.json"), params)
+        _atomic_json(os.path.join(cfg["output_dir"], CHECKPOINT), {
+            "fingerprint": self.fingerprint, "shards_written": self.shards_written,
+            "shard_stats": dict(self.shard_stats), "complete": True})
+        return params
 
 
 class PairRows:
