@@ -143,3 +143,17 @@ def test_lora_params_are_refused_not_ignored():
     raw["model"]["lora_params"] = {"r": 8, "alpha": 16, "target_modules": ["c_attn"]}
     with pytest.raises(ConfigError, match=r"model: .*lora_params: LoRA is not supported by btlm run yet"):
         parse_params(raw)
+
+
+def test_train_input_declares_the_loader_keys_once():
+    """train_input / eval_input take the loader's keys and defaults from one declaration: every loader
+    key is typed in the params (no 'unknown key' warning for data_subset or pin_memory), and a section
+    with only the required keys hands the loader exactly its own defaults."""
+    from btlm.data.loader_config import DEFAULTS, KNOWN_KEYS
+    from btlm.train.config import InputConfig
+
+    assert KNOWN_KEYS <= set(InputConfig.model_fields)
+    section = InputConfig(data_dir="x", batch_size=2, data_subset="0.0-0.5", pin_memory=True, spelled_wrong=1)
+    assert section.model_extra == {"spelled_wrong": 1}
+    dumped = InputConfig(data_dir="x", batch_size=2).model_dump()
+    assert {k: dumped[k] for k in DEFAULTS if k != "data_dir"} == {k: v for k, v in DEFAULTS.items() if k != "data_dir"}

@@ -33,12 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from btlm.data.loader_config import DEFAULTS, IGNORED_KEYS, KNOWN_KEYS  # noqa: F401 (re-exported)
 from btlm.data.readers import DataError
-
-# Model Zoo keys that only matter on Cerebras hardware (accepted and ignored).
-IGNORED_KEYS = {"data_processor", "use_worker_cache", "micro_batch_size", "repeat", "pad_last", "use_vsl"}
-KNOWN_KEYS = {"data_dir", "mixture", "batch_size", "shuffle", "shuffle_seed", "num_workers", "drop_last", "num_samples",
-              "sort_files", "max_sequence_length", "data_subset", "prefetch_factor", "persistent_workers", "pin_memory"}
 
 
 def _h5_files(data_dir: str, sort_files: bool) -> list[str]:
@@ -295,11 +291,11 @@ def _dist_rank_world() -> tuple[int, int]:
 class GptHDF5MapDataProcessor(DataLoader):
     """The ``train_input`` / ``eval_input`` loader: ``GptHDF5MapDataProcessor(params)`` *is* the DataLoader.
 
-    ``params`` keys (Model Zoo names): ``data_dir`` (str or list) or ``mixture`` (list of
-    ``{data_dir, weight, data_subset?}``), ``batch_size`` (per process), ``shuffle`` (False),
-    ``shuffle_seed`` (0), ``num_workers`` (0), ``drop_last`` (True), ``num_samples`` (dataset length),
-    ``sort_files`` (True), ``max_sequence_length`` (checked against the data), ``data_subset``,
-    ``prefetch_factor`` (10), ``persistent_workers`` (True), ``pin_memory`` (False). Cerebras-only keys
+    ``params`` keys (Model Zoo names, types and defaults: :class:`~btlm.data.loader_config.LoaderConfig`):
+    ``data_dir`` (str or list) or ``mixture`` (list of ``{data_dir, weight, data_subset?}``), ``batch_size``
+    (per process), ``shuffle``, ``shuffle_seed``, ``num_workers``, ``drop_last``, ``num_samples``,
+    ``sort_files``, ``max_sequence_length``, ``data_subset``, ``prefetch_factor``, ``persistent_workers``,
+    ``pin_memory``. Cerebras-only keys
     (``data_processor``, ``use_worker_cache``, ``micro_batch_size``, …) are ignored; unknown keys are an error.
     ``rank`` / ``world_size`` default to ``torch.distributed`` when it is initialised, else 0 / 1.
     ``create_dataloader()`` returns ``self`` (Model Zoo API).
@@ -309,7 +305,6 @@ class GptHDF5MapDataProcessor(DataLoader):
     """
 
     def __init__(self, params: dict, rank: int | None = None, world_size: int | None = None):
-        params = dict(params)
         unknown = sorted(set(params) - KNOWN_KEYS - IGNORED_KEYS)
         if unknown:
             raise DataError(f"unknown data loader keys {unknown} (known: {sorted(KNOWN_KEYS)})")
@@ -317,30 +312,31 @@ class GptHDF5MapDataProcessor(DataLoader):
             raise DataError("use_vsl: True is not supported (variable-sequence-length data is Cerebras-only)")
         if "batch_size" not in params or int(params["batch_size"]) < 1:
             raise DataError(f"batch_size = {params.get('batch_size')!r}: expected a positive integer")
+        params = {**DEFAULTS, **params}
         if rank is None or world_size is None:
             rank, world_size = _dist_rank_world()
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.shuffle_seed = int(params.get("shuffle_seed", 0))
-        self.shuffle = bool(params.get("shuffle", False))
+        self.shuffle_seed = int(params["shuffle_seed"])
+        self.shuffle = bool(params["shuffle"])
         self.dataset_is_mixture = bool(params.get("mixture"))
         dataset = self._build_dataset(params)
         sampler = StreamBatchSampler(len(dataset), int(params["batch_size"]), rank, world_size, self.shuffle,
-                                     self.shuffle_seed, bool(params.get("drop_last", True)), params.get("num_samples"))
-        workers = int(params.get("num_workers", 0))
+                                     self.shuffle_seed, bool(params["drop_last"]), params.get("num_samples"))
+        workers = int(params["num_workers"])
         extra = {}
         if workers > 0:  # torch rejects these two with 0 workers (the Model Zoo resets them there too)
-            extra = {"prefetch_factor": int(params.get("prefetch_factor", 10)),
-                     "persistent_workers": bool(params.get("persistent_workers", True))}
+            extra = {"prefetch_factor": int(params["prefetch_factor"]),
+                     "persistent_workers": bool(params["persistent_workers"])}
         # An own generator: every iter() of a DataLoader draws a worker base seed from it, which would
         # otherwise come from the global torch RNG and shift the dropout stream of a resumed run
         # (it starts one iterator more than an uninterrupted one). Nothing here is random.
         super().__init__(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_rows,
-                         pin_memory=bool(params.get("pin_memory", False)),
+                         pin_memory=bool(params["pin_memory"]),
                          generator=torch.Generator().manual_seed(self.shuffle_seed), **extra)
 
     def _build_dataset(self, params: dict):
-        sort_files, msl = bool(params.get("sort_files", True)), params.get("max_sequence_length")
+        sort_files, msl = bool(params["sort_files"]), params["max_sequence_length"]
         if params.get("mixture"):
             if params.get("data_dir"):
                 raise DataError("give either data_dir or mixture, not both")

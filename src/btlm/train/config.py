@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 
+from btlm.data.loader_config import LoaderConfig
 from btlm.errors import BTLMError
 from pydantic import (
     BaseModel,
@@ -268,22 +269,12 @@ class SequentialSchedule:
 # --------------------------------------------------------------------------------------------------
 
 
-class InputConfig(_Section):
-    """``train_input`` / ``eval_input``; passed through whole to ``GptHDF5MapDataProcessor``."""
+class InputConfig(LoaderConfig):
+    """``train_input`` / ``eval_input``: the loader's keys (:class:`~btlm.data.loader_config.LoaderConfig`), passed
+    through whole to ``GptHDF5MapDataProcessor``; unknown keys are kept and reported, as in every section."""
 
+    model_config = _Section.model_config
     data_processor: Literal["GptHDF5MapDataProcessor"] = "GptHDF5MapDataProcessor"
-    data_dir: str | list[str] | None = None
-    mixture: list[dict[str, Any]] | None = None
-    batch_size: PositiveInt
-    shuffle: bool = False
-    shuffle_seed: int = 0
-    num_workers: NonNegativeInt = 0
-    drop_last: bool = True
-    num_samples: PositiveInt | None = None
-    sort_files: bool = True
-    max_sequence_length: PositiveInt | None = None
-    prefetch_factor: PositiveInt | None = None
-    persistent_workers: bool | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> InputConfig:
