@@ -407,10 +407,13 @@ class Runner:
 
     # ---- eval ---------------------------------------------------------------------------------------
 
-    def evaluate(self, checkpoint_path: Path | None = None, model=None) -> dict[str, float]:
-        """Evaluate one checkpoint (default: ``--checkpoint_path`` or the latest) on ``eval_input``."""
+    def _require_eval_input(self) -> None:
         if self.params.eval_input is None:
             raise TrainingError("eval mode needs an 'eval_input' section in the params")
+
+    def evaluate(self, checkpoint_path: Path | None = None, model=None) -> dict[str, float]:
+        """Evaluate one checkpoint (default: ``--checkpoint_path`` or the latest) on ``eval_input``."""
+        self._require_eval_input()  # before the run writes anything
         with self._run("eval") as metrics:
             return self._evaluate(metrics, checkpoint_path, model)
 
@@ -418,8 +421,7 @@ class Runner:
                   step: int | None = None) -> dict[str, float]:
         """Evaluate ``model`` (or the checkpoint) and write the results at ``step`` (default: the checkpoint's)."""
         p, env = self.params, self.env
-        if p.eval_input is None:
-            raise TrainingError("eval mode needs an 'eval_input' section in the params")
+        self._require_eval_input()
         global_step = 0
         if model is None:
             model = self._build_model()
@@ -440,7 +442,7 @@ class Runner:
         steps = self.rc.eval_steps or n_batches
         if not steps:
             raise TrainingError("eval needs runconfig.eval_steps or an eval data loader with a known length")
-        results_metric = LMEvalMetrics()
+        lm_metrics = LMEvalMetrics()
         model.eval()
         data_iter = iter(loader)
         t0 = time.perf_counter()
@@ -452,7 +454,7 @@ class Runner:
                     data_iter = iter(loader)
                     batch = next(data_iter)
                 logits, labels, mask, loss = self._forward_loss(model, batch)
-                results_metric.update(logits, labels, mask, loss)
+                lm_metrics.update(logits, labels, mask, loss)
         model.train()
         if env.world_size > 1:
             import torch.distributed as dist
@@ -461,8 +463,8 @@ class Runner:
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
                 return t
 
-            results_metric.reduce(_sum)
-        results = results_metric.compute()
+            lm_metrics.reduce(_sum)
+        results = lm_metrics.compute()
         for name in ("eval/lm_perplexity", "eval/accuracy"):
             logger.info("Metric: %s = %.6f", name, results[name])
         logger.info("Avg Eval Loss: %.6f", results["loss"])
