@@ -265,3 +265,22 @@ def test_measuring_the_roofline_leaves_the_global_rng_alone():
     before = torch.get_rng_state()
     assert measure_peak_flops(torch.device("cpu"), n=32) > 0
     assert torch.equal(torch.get_rng_state(), before)  # dropout after a resume draws what it would have
+
+
+def test_train_and_eval_records_each_evaluation_once_at_its_training_step(tiny_raw, tmp_path):
+    """Evaluations during training land in the eval summary at the step they ran (one point each), their
+    log lines in eval/run.log, and training keeps logging to train/run.log afterwards."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    raw = copy.deepcopy(tiny_raw)
+    raw["runconfig"].update(max_steps=4, checkpoint_steps=0, eval_frequency=2)
+    res = Runner(parse_params(raw), raw, tmp_path).train_and_eval()
+    assert sorted(res["evals"]) == [2, 4] and res["global_step"] == 4
+    assert res["evals"][4]["loss"] < res["evals"][2]["loss"]
+    acc = EventAccumulator(str(tmp_path / "eval"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [2, 4]
+    assert [e.value for e in acc.Scalars("loss")] == pytest.approx([res["evals"][2]["loss"], res["evals"][4]["loss"]])
+    assert (tmp_path / "eval" / "run.log").read_text().count("Avg Eval Loss") == 2
+    train_log = (tmp_path / "train" / "run.log").read_text()
+    assert "Step=4," in train_log and train_log.rstrip().endswith("Training completed successfully!")

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +30,7 @@ from .config import InputConfig, Params
 from .metrics import LMEvalMetrics
 from .modeling import build_model, lm_loss
 from .optim import ScheduledLR, build_optimizer
+from .outputs import Checkpointer, MetricsWriter
 from btlm.errors import BTLMError
 
 logger = logging.getLogger("btlm.train")
@@ -146,7 +149,7 @@ class Runner:
         self.progress = progress
         self.env = env or D.DistEnv(device=torch.device("cuda" if target_device == "GPU" else "cpu"))
         self.model_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = None
+        self.checkpointer = Checkpointer(self.model_dir, self.rc, self.env, raw)
         self.autocast_dtype = None  # chosen (and logged) when the run's logging is set up
 
     # ---- setup ------------------------------------------------------------------------------------
@@ -174,24 +177,27 @@ class Runner:
     def _summary_dir(self, mode: str) -> Path:
         return Path(self.rc.summary_dir) if self.rc.summary_dir else self.model_dir / mode
 
-    def _open_run(self, mode: str) -> None:
+    def _open_metrics(self, mode: str) -> MetricsWriter:
+        """``params_<mode>.yaml`` and the TensorBoard writer in the mode's summary dir (main process only)."""
         out = self._summary_dir(mode)
-        if self.env.is_main:
-            write_params_yaml(self.raw, out / f"params_{mode}.yaml")
-            from torch.utils.tensorboard import SummaryWriter
+        if not self.env.is_main:
+            return MetricsWriter(None)
+        write_params_yaml(self.raw, out / f"params_{mode}.yaml")
+        return MetricsWriter(out)
 
-            self.writer = SummaryWriter(log_dir=str(out))
-        setup_logging(out / "run.log", self.rc.logging, self.env.is_main)
-        from .config import report_extra_keys
+    @contextmanager
+    def _run(self, mode: str):
+        """One ``train`` / ``eval`` run: its params file, ``run.log`` and TensorBoard writer (yielded)."""
+        metrics = self._open_metrics(mode)
+        try:
+            setup_logging(self._summary_dir(mode) / "run.log", self.rc.logging, self.env.is_main)
+            from .config import report_extra_keys
 
-        report_extra_keys(self.params)
-        self.autocast_dtype = self._choose_precision()
-
-    def _close_run(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
-            self.writer = None
+            report_extra_keys(self.params)
+            self.autocast_dtype = self._choose_precision()
+            yield metrics
+        finally:
+            metrics.close()
 
     def _build_model(self):
         model = build_model(self.params.model, self.params.optimizer, seed=self.rc.seed)
@@ -233,79 +239,6 @@ class Runner:
             logits = model(input_ids=input_ids, use_cache=False).logits
         return logits, labels, mask, lm_loss(logits, labels, mask, self.params.model)
 
-    # ---- checkpoints --------------------------------------------------------------------------------
-
-    def _resolve_checkpoint(self) -> Path | None:
-        if self.rc.checkpoint_path:
-            path = Path(self.rc.checkpoint_path)
-            if not path.exists():
-                raise ckpt.CheckpointError(f"--checkpoint_path {path} does not exist")
-            self._check_unpickle(path)
-            return path
-        if self.rc.autoload_last_checkpoint:
-            path = ckpt.latest_checkpoint(self.model_dir)
-            if path is not None:
-                self._check_unpickle(path)
-            return path
-        return None
-
-    def _check_unpickle(self, path: Path) -> None:
-        """A ``.dcp`` directory's ``.metadata`` is a pickle (code runs when it loads): only with ``allow_unpickle``."""
-        if path.is_dir() and not self.rc.allow_unpickle:
-            raise ckpt.CheckpointError(
-                f"{path} is a torch.distributed.checkpoint directory, whose .metadata is a pickle that can run code; "
-                "pass --allow_unpickle to load it (only if you wrote it), or --checkpoint_path a .mdl checkpoint")
-
-    def _read_checkpoint(self, path: Path, model, optimizer) -> dict:
-        """Load model (+ optimizer for train) from ``path``; returns the remaining states."""
-        strict = not self.rc.disable_strict_checkpoint_loading
-        if path.is_dir():
-            return D.load_sharded(path, model, optimizer, strict=strict)
-        state = ckpt.load_checkpoint_file(path)
-        if "model" not in state:
-            raise ckpt.CheckpointError(f"{path}: no 'model' state in the checkpoint")
-        model_state = state["model"]
-        if any(k.startswith("model.") for k in model_state):
-            raise ckpt.CheckpointError(f"{path}: model keys start with 'model.' (a Cerebras CS-format checkpoint); "
-                                       "convert it to the HF layout with the Model Zoo's convert_checkpoint.py, then "
-                                       "`btlm convert from-hf`")
-        try:
-            D.load_full_model_state(model, model_state, strict=strict)
-        except RuntimeError as err:
-            raise ckpt.CheckpointError(f"{path}: model weights do not fit this model config: {err}. "
-                                       "Use --disable_strict_checkpoint_loading to load partially") from None
-        if optimizer is not None and "optimizer" in state:
-            D.load_full_optimizer_state(model, optimizer, state["optimizer"])
-        return state
-
-    def _save_checkpoint(self, step: int, model, optimizer, scheduler, loader, scaler) -> Path:
-        extra = {
-            "lr_scheduler": scheduler.state_dict(),
-            "global_step": step,
-            "rng": ckpt.rng_state(self.env.device, gather=lambda t: D.all_gather_tensor(t, self.env)),
-            "__metadata__": [{"format_version": ckpt.FORMAT_VERSION, "model_name": "BTLMLMHeadModel",
-                              "params": self.raw}],
-        }
-        if loader is not None and hasattr(loader, "state_dict"):
-            extra["dataloader"] = loader.state_dict()
-        if scaler is not None:
-            extra["grad_scaler"] = scaler.state_dict()
-        if self.env.strategy == "fsdp":
-            path = ckpt.new_checkpoint_path(self.model_dir, step, ".dcp")
-            D.save_sharded(path, model, optimizer, extra, self.env)
-        else:
-            model_state = D.full_model_state(model)
-            optim_state = D.full_optimizer_state(model, optimizer)
-            path = ckpt.new_checkpoint_path(self.model_dir, step)
-            if self.env.is_main:
-                ckpt.atomic_torch_save({"model": model_state, "optimizer": optim_state, **extra}, path)
-            D.barrier(self.env)
-        if self.env.is_main:
-            logger.info("Saved checkpoint %s", path)
-            ckpt.prune_checkpoints(self.model_dir, self.rc.max_checkpoints)
-        D.barrier(self.env)
-        return path
-
     def _same_data(self, state: dict) -> bool:
         """Whether a checkpoint's data-loader position applies here (not across the 2k → 8k switch)."""
         try:
@@ -335,190 +268,167 @@ class Runner:
     def train(self, eval_hook=None) -> dict:
         """Train until the target step; returns ``{"global_step", "losses", "checkpoint"}``.
 
-        ``losses`` maps each global step run here to its (rank-averaged) loss.
+        ``losses`` maps each global step run here to its (rank-averaged) loss; ``checkpoint`` is the last
+        checkpoint written, else the one resumed from.
         """
-        p, rc, env = self.params, self.rc, self.env
-        if p.optimizer is None or p.train_input is None:
+        if self.params.optimizer is None or self.params.train_input is None:
             raise TrainingError("train mode needs 'optimizer' and 'train_input' sections in the params")
-        self._open_run("train")
-        loader = make_dataloader(p.train_input, env)  # before the model: bad data fails before any compute
+        with self._run("train") as metrics:
+            run = self._build_training()
+            resumed_from = self._resume(run)
+            target = self._target_step(run.step, self._steps_per_epoch(run.loader))
+            result = {"global_step": run.step, "losses": {}, "checkpoint": resumed_from}
+            if target <= run.step:
+                logger.info("Already at step %d (target %d): nothing to train", run.step, target)
+                return result
+            if self.rc.save_initial_checkpoint and run.step == 0:
+                self.checkpointer.save(0, run.model, run.optimizer, run.scheduler, run.loader, run.scaler)
+            progress = _TrainProgress(self, run, metrics, target)
+            run.model.train()
+            batches = _endless(run.loader)
+            with tqdm(total=target - run.step, desc="train", unit="step", disable=self._bars_off()) as bar:
+                while run.step < target:
+                    out = self._optimizer_step(run, batches, self.checkpointer.last_written or resumed_from)
+                    result["losses"][run.step] = out.loss
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{out.loss:.4f}")
+                    progress.record(out)
+                    if (self.rc.checkpoint_steps and run.step % self.rc.checkpoint_steps == 0) or run.step == target:
+                        self.checkpointer.save(run.step, run.model, run.optimizer, run.scheduler, run.loader,
+                                               run.scaler)
+                    if eval_hook is not None:
+                        eval_hook(run.step, run.model)
+            progress.finish()
+            result.update(global_step=run.step, checkpoint=self.checkpointer.last_written or resumed_from)
+            return result
+
+    def _build_training(self) -> _TrainRun:
+        """Data loader, model, optimizer, LR schedule and (fp16) grad scaler of a fresh run at step 0."""
+        p = self.params
+        loader = make_dataloader(p.train_input, self.env)  # before the model: bad data fails before any compute
         self._check_data(loader, p.train_input)
         model = self._build_model()
         optimizer = build_optimizer(D.unwrap(model), p.optimizer, p.model)
         scheduler = ScheduledLR(optimizer, p.optimizer.schedule())
         scaler = None
         if self.autocast_dtype == torch.float16:
-            scaler = make_grad_scaler(p.optimizer, env.device.type)
+            scaler = make_grad_scaler(p.optimizer, self.env.device.type)
+        return _TrainRun(model, optimizer, scheduler, loader, scaler)
 
-        global_step = 0
-        last_ckpt = self._resolve_checkpoint()
-        if last_ckpt is not None:
-            states = ckpt.parse_load_states(rc.load_checkpoint_states)
-            logger.info("Loading checkpoint %s (states: %s)", last_ckpt, ", ".join(sorted(states)))
-            state = self._read_checkpoint(last_ckpt, model, optimizer if "optimizer" in states else None)
-            if "optimizer" not in states:  # weights only: fresh optimizer state
-                optimizer = build_optimizer(D.unwrap(model), p.optimizer, p.model)
-                scheduler = ScheduledLR(optimizer, p.optimizer.schedule())
-            if "global_step" in states:
-                global_step = int(state.get("global_step", 0))
-            if "lr_scheduler" in states and "lr_scheduler" in state:
-                scheduler.load_state_dict(state["lr_scheduler"])
-            elif global_step:  # keep the schedule aligned with the step count
-                scheduler.load_state_dict({"last_epoch": global_step})
-            if "dataloader" in states and "dataloader" in state and hasattr(loader, "load_state_dict"):
-                if self._same_data(state):
-                    loader.load_state_dict(state["dataloader"])
-                else:
-                    logger.info("Not restoring the data-loader position: train_input differs from the "
-                                "checkpoint's (e.g. the 2k -> 8k stage switch); reading from the start")
-            if "grad_scaler" in states and scaler is not None and "grad_scaler" in state:
-                scaler.load_state_dict(state["grad_scaler"])
-            if "rng" in state and "global_step" in states:
-                ckpt.set_rng_state(state["rng"], env.device, env.rank)
-        elif rc.checkpoint_path is None:
-            logger.info("No checkpoint in %s: training from a fresh initialisation", self.model_dir)
-
-        accum = p.optimizer.grad_accum_steps
-        try:
-            steps_per_epoch = len(loader) // accum
-        except TypeError:
-            steps_per_epoch = None
-        target = self._target_step(global_step, steps_per_epoch)
-        result = {"global_step": global_step, "losses": {}, "checkpoint": last_ckpt}
-        if target <= global_step:
-            logger.info("Already at step %d (target %d): nothing to train", global_step, target)
-            self._close_run()
-            return result
-
-        if rc.save_initial_checkpoint and global_step == 0:
-            last_ckpt = self._save_checkpoint(0, model, optimizer, scheduler, loader, scaler)
-
-        base = D.unwrap(model)
-        msl = None
-        peak = rc.peak_flops or measure_peak_flops(env.device, self.autocast_dtype or torch.float32)
-        logger.info("Training steps %d -> %d on %s (world size %d, %s); MFU peak %.1f GFLOP/s per process (%s)",
-                    global_step, target, env.device, env.world_size, env.strategy, peak / 1e9,
-                    "runconfig.peak_flops" if rc.peak_flops else "measured matmul roofline")
-        model.train()
-        data_iter = iter(loader)
-        start_step = global_step
-        t_start = time.perf_counter()
-        t_last, samples_since, samples_total = t_start, 0, 0
-        bar = tqdm(total=target - global_step, desc="train", unit="step", disable=self._bars_off())
-        while global_step < target:
-            loss_sum = torch.zeros((), device=env.device)
-            for micro in range(accum):
-                try:
-                    batch = next(data_iter)
-                except StopIteration:  # next epoch
-                    data_iter = iter(loader)
-                    batch = next(data_iter)
-                sync_ctx = nullcontext()
-                if micro < accum - 1 and env.strategy == "ddp":
-                    sync_ctx = model.no_sync()
-                elif env.strategy == "fsdp":
-                    model.set_requires_gradient_sync(micro == accum - 1)
-                with sync_ctx:
-                    _, _, _, loss = self._forward_loss(model, batch)
-                    scaled = loss / accum
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                loss_sum += scaled.detach()
-                msl = batch["input_ids"].shape[1]
-                samples_since += batch["input_ids"].shape[0] * env.world_size
-            loss_value = float(D.all_reduce_mean(loss_sum, env))
-            if rc.check_loss_values and not math.isfinite(loss_value):
-                bar.close()
-                self._close_run()
-                raise TrainingError(f"loss is {loss_value} at step {global_step + 1}; stopping before the update. "
-                                    f"Last good checkpoint: {last_ckpt or 'none'}")
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            params = [q for g in optimizer.param_groups for q in g["params"]]
-            max_norm = p.optimizer.max_gradient_norm or float("inf")  # always clip when set (fixes CPU quirk)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            if p.optimizer.max_gradient_value:
-                torch.nn.utils.clip_grad_value_(params, p.optimizer.max_gradient_value)
-            lrs = [g["lr"] for g in optimizer.param_groups]
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
+    def _resume(self, run: _TrainRun) -> Path | None:
+        """Restore the ``load_checkpoint_states`` of ``--checkpoint_path`` or the newest checkpoint into ``run``;
+        returns the checkpoint resumed from (None: fresh initialisation)."""
+        p, rc, env = self.params, self.rc, self.env
+        path = self.checkpointer.resume_path()
+        if path is None:
+            if rc.checkpoint_path is None:
+                logger.info("No checkpoint in %s: training from a fresh initialisation", self.model_dir)
+            return None
+        states = ckpt.parse_load_states(rc.load_checkpoint_states)
+        logger.info("Loading checkpoint %s (states: %s)", path, ", ".join(sorted(states)))
+        state = self.checkpointer.read(path, run.model, run.optimizer if "optimizer" in states else None)
+        if "optimizer" not in states:  # weights only: fresh optimizer state
+            run.optimizer = build_optimizer(D.unwrap(run.model), p.optimizer, p.model)
+            run.scheduler = ScheduledLR(run.optimizer, p.optimizer.schedule())
+        if "global_step" in states:
+            run.step = int(state.get("global_step", 0))
+        if "lr_scheduler" in states and "lr_scheduler" in state:
+            run.scheduler.load_state_dict(state["lr_scheduler"])
+        elif run.step:  # keep the schedule aligned with the step count
+            run.scheduler.load_state_dict({"last_epoch": run.step})
+        if "dataloader" in states and "dataloader" in state and hasattr(run.loader, "load_state_dict"):
+            if self._same_data(state):
+                run.loader.load_state_dict(state["dataloader"])
             else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            result["losses"][global_step] = loss_value
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
+                logger.info("Not restoring the data-loader position: train_input differs from the "
+                            "checkpoint's (e.g. the 2k -> 8k stage switch); reading from the start")
+        if "grad_scaler" in states and run.scaler is not None and "grad_scaler" in state:
+            run.scaler.load_state_dict(state["grad_scaler"])
+        if "rng" in state and "global_step" in states:
+            ckpt.set_rng_state(state["rng"], env.device, env.rank)
+        return path
 
-            first_of_run = not samples_total and global_step == start_step + 1  # shows the starting loss
-            if global_step % rc.log_steps == 0 or global_step == target or first_of_run:
-                now = time.perf_counter()
-                rate = samples_since / max(now - t_last, 1e-9)
-                samples_total += samples_since
-                avg = samples_total / max(now - t_start, 1e-9)
-                tok_rate = rate * msl
-                mfu = tok_rate / env.world_size * flops_per_token(base, msl) / peak
-                pnorm = _param_norm(params)  # collective under FSDP2: every rank computes it
-                logger.info("| Train Device=%s, Step=%d, Loss=%.5f, LR=%s, Rate=%.2f samples/sec, "
-                            "GlobalRate=%.2f samples/sec, Tokens/sec=%.0f, MFU=%.1f%%, GradNorm=%.4f",
-                            env.device.type.upper(), global_step, loss_value,
-                            "/".join(f"{lr:.3e}" for lr in lrs), rate, avg, tok_rate, 100 * mfu, float(grad_norm))
-                if self.writer is not None:
-                    w = self.writer
-                    w.add_scalar("loss", loss_value, global_step)
-                    for i, (g, lr) in enumerate(zip(optimizer.param_groups, lrs)):
-                        w.add_scalar(f"lr/{i}", lr, global_step)
-                        w.add_scalar(f"lr/{g.get('name', i)}", lr, global_step)
-                    w.add_scalar("local_samples_per_sec", rate / env.world_size, global_step)
-                    w.add_scalar("avg_samples_per_sec", avg, global_step)
-                    w.add_scalar("tokens_per_sec", tok_rate, global_step)
-                    w.add_scalar("mfu", mfu, global_step)
-                    w.add_scalar("grad_norm/model_wise_grad_norm", float(grad_norm), global_step)
-                    w.add_scalar("params_norm/model_wise_params_norm", pnorm, global_step)
-                    if scaler is not None:
-                        w.add_scalar("loss_scale", scaler.get_scale(), global_step)
-                t_last, samples_since = now, 0
+    def _steps_per_epoch(self, loader) -> int | None:
+        try:
+            return len(loader) // self.params.optimizer.grad_accum_steps
+        except TypeError:
+            return None
 
-            if (rc.checkpoint_steps and global_step % rc.checkpoint_steps == 0) or global_step == target:
-                last_ckpt = self._save_checkpoint(global_step, model, optimizer, scheduler, loader, scaler)
-            if eval_hook is not None:
-                eval_hook(global_step, model)
-        bar.close()
-        elapsed = time.perf_counter() - t_start
-        logger.info("Processed %d sample(s) in %.1f seconds.", samples_total, elapsed)
-        logger.info("Training completed successfully!")
-        self._close_run()
-        result.update(global_step=global_step, checkpoint=last_ckpt)
-        return result
+    def _optimizer_step(self, run: _TrainRun, batches, last_good: Path | None) -> _StepOutput:
+        """One update: ``grad_accum_steps`` micro-batches forward + backward, the NaN guard, clipping, the
+        optimizer and schedule steps. Advances ``run.step``."""
+        accum, env = self.params.optimizer.grad_accum_steps, self.env
+        loss_sum, samples = torch.zeros((), device=env.device), 0
+        for micro in range(accum):
+            batch = next(batches)
+            with self._grad_sync(run.model, last=micro == accum - 1):
+                _, _, _, loss = self._forward_loss(run.model, batch)
+                scaled = loss / accum
+                (run.scaler.scale(scaled) if run.scaler else scaled).backward()
+            loss_sum += scaled.detach()
+            samples += batch["input_ids"].shape[0] * env.world_size
+        loss_value = float(D.all_reduce_mean(loss_sum, env))
+        if self.rc.check_loss_values and not math.isfinite(loss_value):
+            raise TrainingError(f"loss is {loss_value} at step {run.step + 1}; stopping before the update. "
+                                f"Last good checkpoint: {last_good or 'none'}")
+        grad_norm = self._clip_gradients(run)
+        lrs = [g["lr"] for g in run.optimizer.param_groups]
+        if run.scaler is not None:
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.step += 1
+        return _StepOutput(loss_value, grad_norm, lrs, batch["input_ids"].shape[1], samples)
+
+    def _grad_sync(self, model, last: bool):
+        """Data-parallel gradients are reduced on the last micro-batch of an update only."""
+        if self.env.strategy == "fsdp":
+            model.set_requires_gradient_sync(last)
+        if not last and self.env.strategy == "ddp":
+            return model.no_sync()
+        return nullcontext()
+
+    def _clip_gradients(self, run: _TrainRun) -> torch.Tensor:
+        """Unscale (fp16), clip by norm and value; returns the global gradient norm before clipping."""
+        opt = self.params.optimizer
+        if run.scaler is not None:
+            run.scaler.unscale_(run.optimizer)
+        params = _optimized_params(run.optimizer)
+        max_norm = opt.max_gradient_norm or float("inf")  # always clip when set (fixes CPU quirk)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        if opt.max_gradient_value:
+            torch.nn.utils.clip_grad_value_(params, opt.max_gradient_value)
+        return grad_norm
 
     # ---- eval ---------------------------------------------------------------------------------------
 
+    def _require_eval_input(self) -> None:
+        if self.params.eval_input is None:
+            raise TrainingError("eval mode needs an 'eval_input' section in the params")
+
     def evaluate(self, checkpoint_path: Path | None = None, model=None) -> dict[str, float]:
         """Evaluate one checkpoint (default: ``--checkpoint_path`` or the latest) on ``eval_input``."""
-        p, env = self.params, self.env
-        if p.eval_input is None:
-            raise TrainingError("eval mode needs an 'eval_input' section in the params")
-        own_run = self.writer is None
-        if own_run:
-            self._open_run("eval")
-        try:
-            return self._evaluate(checkpoint_path, model)
-        finally:
-            if own_run:
-                self._close_run()
+        self._require_eval_input()  # before the run writes anything
+        with self._run("eval") as metrics:
+            return self._evaluate(metrics, checkpoint_path, model)
 
-    def _evaluate(self, checkpoint_path: Path | None, model) -> dict[str, float]:
+    def _evaluate(self, metrics: MetricsWriter, checkpoint_path: Path | None = None, model=None,
+                  step: int | None = None) -> dict[str, float]:
+        """Evaluate ``model`` (or the checkpoint) and write the results at ``step`` (default: the checkpoint's)."""
         p, env = self.params, self.env
+        self._require_eval_input()
         global_step = 0
         if model is None:
             model = self._build_model()
-            path = checkpoint_path or self._resolve_checkpoint()
+            path = checkpoint_path or self.checkpointer.resume_path()
             if path is not None:
                 logger.info("Evaluating checkpoint %s", path)
-                state = self._read_checkpoint(path, model, None)  # eval loads only the model (+ step)
+                state = self.checkpointer.read(path, model, None)  # eval loads only the model (+ step)
                 global_step = int(state.get("global_step", 0))
             else:
                 raise TrainingError(f"eval: no checkpoint_<step>.mdl in --model_dir {self.model_dir} (and no "
@@ -532,7 +442,7 @@ class Runner:
         steps = self.rc.eval_steps or n_batches
         if not steps:
             raise TrainingError("eval needs runconfig.eval_steps or an eval data loader with a known length")
-        metrics = LMEvalMetrics()
+        lm_metrics = LMEvalMetrics()
         model.eval()
         data_iter = iter(loader)
         t0 = time.perf_counter()
@@ -544,7 +454,7 @@ class Runner:
                     data_iter = iter(loader)
                     batch = next(data_iter)
                 logits, labels, mask, loss = self._forward_loss(model, batch)
-                metrics.update(logits, labels, mask, loss)
+                lm_metrics.update(logits, labels, mask, loss)
         model.train()
         if env.world_size > 1:
             import torch.distributed as dist
@@ -553,15 +463,13 @@ class Runner:
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
                 return t
 
-            metrics.reduce(_sum)
-        results = metrics.compute()
+            lm_metrics.reduce(_sum)
+        results = lm_metrics.compute()
         for name in ("eval/lm_perplexity", "eval/accuracy"):
             logger.info("Metric: %s = %.6f", name, results[name])
         logger.info("Avg Eval Loss: %.6f", results["loss"])
-        if self.writer is not None:
-            for name, value in results.items():
-                self.writer.add_scalar(name, value, global_step)
-            self.writer.flush()
+        metrics.scalars(results, global_step if step is None else step)
+        metrics.flush()
         logger.info("Processed %d batch(es) in %.1f seconds.", steps, time.perf_counter() - t0)
         logger.info("Evaluation completed successfully!")
         return {**results, "global_step": global_step}
@@ -573,42 +481,146 @@ class Runner:
         paths = [q for q in ckpt.list_checkpoints(self.model_dir) if "_" not in q.stem.removeprefix("checkpoint_")]
         if not paths:
             raise TrainingError(f"eval_all: no checkpoint_<step>.mdl files in {self.model_dir}")
-        self._open_run("eval")
-        out = {}
-        for q in paths:
-            out[ckpt.checkpoint_step(q)] = self.evaluate(q)
-        self._close_run()
-        return out
+        with self._run("eval") as metrics:
+            return {ckpt.checkpoint_step(q): self._evaluate(metrics, q) for q in paths}
 
     def train_and_eval(self) -> dict:
-        """Train, evaluating every ``eval_frequency`` steps (if set) and at the end."""
+        """Train, evaluating every ``eval_frequency`` steps (if set) and at the end.
+
+        Evaluations during training write their scalars to the eval summary dir and their log lines to its
+        ``run.log`` as well as the training log."""
         freq = self.rc.eval_frequency
         evals = {}
+        eval_metrics: MetricsWriter | None = None  # opened at the first evaluation during training
 
         def hook(step, model):
+            nonlocal eval_metrics
             if freq and step % freq == 0:
-                evals[step] = self._eval_in_training(model, step)
+                if eval_metrics is None:
+                    eval_metrics = self._open_metrics("eval")
+                with _also_log_to(self._summary_dir("eval") / "run.log", self.env.is_main):
+                    evals[step] = self._evaluate(eval_metrics, model=model, step=step)
 
-        result = self.train(eval_hook=hook)
+        try:
+            result = self.train(eval_hook=hook)
+        finally:
+            if eval_metrics is not None:
+                eval_metrics.close()
         if result["global_step"] not in evals:
             evals[result["global_step"]] = self.evaluate()
         result["evals"] = evals
         return result
 
-    def _eval_in_training(self, model, step: int) -> dict:
-        writer, self.writer = self.writer, None
-        try:
-            self._open_run("eval")
-            res = self.evaluate(model=model)
-            if self.writer is not None:
-                for name, value in res.items():
-                    if name != "global_step":
-                        self.writer.add_scalar(name, value, step)
-            self._close_run()
-        finally:
-            self.writer = writer
-            setup_logging(self._summary_dir("train") / "run.log", self.rc.logging, self.env.is_main)
-        return res
+
+# ---- the pieces of a training run ------------------------------------------------------------------
+
+
+@dataclass
+class _TrainRun:
+    """The objects one training run steps; ``step`` is the global step (optimizer updates taken)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: ScheduledLR
+    loader: object
+    scaler: torch.amp.GradScaler | None
+    step: int = 0
+
+
+@dataclass
+class _StepOutput:
+    """What one optimizer step reports to the metrics."""
+
+    loss: float  # rank-averaged
+    grad_norm: torch.Tensor  # before clipping
+    lrs: list[float]  # per param group, as used by this update
+    msl: int  # sequence length of the batch
+    samples: int  # over all ranks
+
+
+def _endless(loader):
+    """The loader's batches, epoch after epoch."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise TrainingError("the training data loader yields no batches")
+
+
+def _optimized_params(optimizer) -> list:
+    return [q for g in optimizer.param_groups for q in g["params"]]
+
+
+class _TrainProgress:
+    """Throughput, MFU and the every-``log_steps`` log line + TensorBoard scalars of one training run."""
+
+    def __init__(self, runner: Runner, run: _TrainRun, metrics: MetricsWriter, target: int):
+        rc, env = runner.rc, runner.env
+        self.rc, self.env, self.run, self.metrics, self.target = rc, env, run, metrics, target
+        self.start_step = run.step
+        self.base = D.unwrap(run.model)
+        self.peak = rc.peak_flops or measure_peak_flops(env.device, runner.autocast_dtype or torch.float32)
+        logger.info("Training steps %d -> %d on %s (world size %d, %s); MFU peak %.1f GFLOP/s per process (%s)",
+                    run.step, target, env.device, env.world_size, env.strategy, self.peak / 1e9,
+                    "runconfig.peak_flops" if rc.peak_flops else "measured matmul roofline")
+        self.t_start = self.t_last = time.perf_counter()
+        self.samples_since = self.samples_total = 0
+
+    def record(self, out: _StepOutput) -> None:
+        step, env = self.run.step, self.env
+        self.samples_since += out.samples
+        first_of_run = step == self.start_step + 1  # shows the starting loss
+        if not (step % self.rc.log_steps == 0 or step == self.target or first_of_run):
+            return
+        now = time.perf_counter()
+        rate = self.samples_since / max(now - self.t_last, 1e-9)
+        self.samples_total += self.samples_since
+        avg = self.samples_total / max(now - self.t_start, 1e-9)
+        tok_rate = rate * out.msl
+        mfu = tok_rate / env.world_size * flops_per_token(self.base, out.msl) / self.peak
+        pnorm = _param_norm(_optimized_params(self.run.optimizer))  # collective under FSDP2: every rank computes it
+        logger.info("| Train Device=%s, Step=%d, Loss=%.5f, LR=%s, Rate=%.2f samples/sec, "
+                    "GlobalRate=%.2f samples/sec, Tokens/sec=%.0f, MFU=%.1f%%, GradNorm=%.4f",
+                    env.device.type.upper(), step, out.loss,
+                    "/".join(f"{lr:.3e}" for lr in out.lrs), rate, avg, tok_rate, 100 * mfu, float(out.grad_norm))
+        scalars = {"loss": out.loss}
+        for i, (g, lr) in enumerate(zip(self.run.optimizer.param_groups, out.lrs)):
+            scalars[f"lr/{i}"] = lr
+            scalars[f"lr/{g.get('name', i)}"] = lr
+        scalars.update({"local_samples_per_sec": rate / env.world_size, "avg_samples_per_sec": avg,
+                        "tokens_per_sec": tok_rate, "mfu": mfu,
+                        "grad_norm/model_wise_grad_norm": float(out.grad_norm),
+                        "params_norm/model_wise_params_norm": pnorm})
+        if self.run.scaler is not None:
+            scalars["loss_scale"] = self.run.scaler.get_scale()
+        self.metrics.scalars(scalars, step)
+        self.t_last, self.samples_since = now, 0
+
+    def finish(self) -> None:
+        elapsed = time.perf_counter() - self.t_start
+        logger.info("Processed %d sample(s) in %.1f seconds.", self.samples_total, elapsed)
+        logger.info("Training completed successfully!")
+
+
+@contextmanager
+def _also_log_to(log_file: Path, is_main: bool):
+    """Copy the ``btlm.train`` log to ``log_file`` too while the block runs (main process; not when the
+    log already goes there)."""
+    path = os.path.abspath(log_file)  # as FileHandler stores it
+    if not is_main or any(getattr(h, "baseFilename", None) == path for h in logger.handlers):
+        yield
+        return
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logger.handlers[0].formatter if logger.handlers else None)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def _param_norm(params) -> float:
