@@ -113,6 +113,15 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, owned=MODEL_
 # ------------------------------------------------------------------------------ output-path policy
 
 
+def _check_parent(p: Path, what: str) -> None:
+    """The nearest existing ancestor of ``p`` must be a directory (else nothing can be written there)."""
+    for parent in p.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputPathError(f"{what} {p}: {parent} is a file, not a directory")
+            return
+
+
 def check_output_dir(path: str | os.PathLike, overwrite: bool = False, what: str = "output directory") -> Path:
     """Refuse (before any compute) an output directory that is a file, or that holds files, unless
     ``overwrite``. Returns the path."""
@@ -125,11 +134,7 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False, what: str
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
             raise OutputPathError(f"{what} {p} is not empty ({shown}); pass --overwrite to replace the files "
                                   "btlm writes there (other files are kept), or choose another directory")
-    for parent in p.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputPathError(f"{what} {p}: {parent} is a file, not a directory")
-            break
+    _check_parent(p, what)
     return p
 
 
@@ -141,11 +146,7 @@ def check_output_file(path: str | os.PathLike, overwrite: bool = False, what: st
         raise OutputPathError(f"{what} {p} is a directory; expected a file name")
     if p.exists() and not overwrite:
         raise OutputPathError(f"{what} {p} already exists; pass --overwrite to replace it")
-    for parent in p.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputPathError(f"{what} {p}: {parent} is a file, not a directory")
-            break
+    _check_parent(p, what)
     return p
 
 

@@ -167,6 +167,15 @@ class Engine:
     def close(self) -> None:
         pass
 
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """``ValueError`` (a 400 for that request) for an empty prompt or one that does not fit the context
+        with its ``max_tokens``; every engine checks this before queueing a request."""
+        if not prompt_ids:
+            raise ValueError("the prompt has no tokens")
+        if len(prompt_ids) + params.max_tokens > self.context_length:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) is longer than "
+                             f"the context ({self.context_length} tokens)")
+
 
 # --------------------------------------------------------------------------------------------------
 # The torch engine
@@ -264,11 +273,7 @@ class TorchEngine(Engine):
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationHandle:
-        if not prompt_ids:
-            raise ValueError("the prompt has no tokens")
-        if len(prompt_ids) + params.max_tokens > self.context_length:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) is longer than "
-                             f"the context ({self.context_length} tokens)")
+        self.check_prompt(prompt_ids, params)
         vocab = self.model.config.vocab_size
         bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
         if bad is not None:  # checked here: in the batch it would fail every sequence's forward

@@ -57,11 +57,7 @@ class LlamaCppEngine(Engine):
         return self.llm.detokenize(ids).decode("utf-8", errors="replace")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationHandle:
-        if not prompt_ids:
-            raise ValueError("the prompt has no tokens")
-        if len(prompt_ids) + params.max_tokens > self.context_length:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) is longer than "
-                             f"the context ({self.context_length} tokens)")
+        self.check_prompt(prompt_ids, params)
         if params.prompt_logprobs:
             raise ValueError("echo with logprobs is not supported by the llama.cpp engine")
         handle = GenerationHandle()
