@@ -22,9 +22,11 @@ ORDER = ["attention", "train_step", "train_memory", "data_prep", "memory", "deco
 HEADER = """# Benchmarks
 
 Each section is produced by the script and command it shows (`benchmarks/*.py`, results in
-`benchmarks/results/`, joined here by `python benchmarks/collect.py`) on this project's 2-core AVX2 CPU
-machine (24 GiB, no GPU), often while other jobs shared it: compare the ratios to the baseline and to
-the roofline measured in the same run, not the absolute figures.
+`benchmarks/results/`, joined here by `python benchmarks/collect.py`) on this project's 2-core CPU
+machines (24 GiB, no GPU): the earlier sections on an AVX2 CPU, the sections that name their CPU
+capability (memory, decode, training step dtypes, training memory, serve, fine-tune) on an AVX-512 +
+AMX CPU, often while other jobs shared it: compare the ratios to the baseline and to the roofline
+measured in the same run, not the absolute figures.
 """
 
 
