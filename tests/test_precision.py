@@ -109,3 +109,21 @@ def test_generate_dtype_auto_follows_the_choice(monkeypatch, tmp_path, capsys, q
                  "--max-new-tokens", "3", "--device", "cpu", "--no-stream"]) == 0
     out = capsys.readouterr()
     assert "--dtype auto: bf16 (injected" in out.err and out.out.startswith("Hello")
+
+
+def test_serve_dtype_auto_follows_the_choice(monkeypatch, tmp_path):
+    """`btlm serve --dtype auto` (its default) loads the torch engine in the CPU's measured choice, as
+    `btlm generate --dtype auto` does; an explicit dtype is kept."""
+    from btlm.inference import save_model
+    from btlm.serve.engine import TorchEngine
+    from tests.conftest import make_model
+
+    save_model(make_model(vocab_size=50257), tmp_path / "m")
+    monkeypatch.setattr(precision, "choose_cpu_dtype",
+                        lambda: PrecisionChoice(torch.bfloat16, "injected: native bf16 measured faster"))
+    for dtype, want in (("auto", torch.bfloat16), ("fp32", torch.float32)):
+        engine = TorchEngine.from_path(tmp_path / "m", dtype=dtype, device="cpu")
+        try:
+            assert engine.model.dtype == want, dtype
+        finally:
+            engine.close()

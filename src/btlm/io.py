@@ -205,6 +205,20 @@ def resolve_device(spec: str | None = None, model_path: str | os.PathLike | None
     return device
 
 
+def resolve_auto_dtype(dtype, device, log=None):
+    """``--dtype auto`` on CPU: bf16 where this CPU has native bf16 and measures it faster, else fp32
+    (:func:`btlm.precision.choose_cpu_dtype`; ``log`` gets the choice and why). On other devices, and for
+    any other value, ``dtype`` is returned unchanged (``auto`` then means the checkpoint's dtype)."""
+    if dtype != "auto" or _device_type(device) != "cpu":
+        return dtype
+    from btlm.precision import choose_cpu_dtype
+
+    choice = choose_cpu_dtype()
+    if log is not None:
+        log(f"--dtype auto: {choice}")
+    return choice.dtype
+
+
 def _device_type(spec) -> str:
     import torch
 

@@ -63,7 +63,7 @@ def execute(name: str, args) -> int:
     from btlm.errors import UsageError
     from btlm.inference import (check_generation_args, context_overrides, generate_batch, generate_text,
                                 load_model, read_prompts, resolve_tokenizer)
-    from btlm.io import resolve_device
+    from btlm.io import resolve_auto_dtype, resolve_device
 
     if args.prompt is None and args.prompt_file is None:
         if sys.stdin.isatty():
@@ -80,13 +80,7 @@ def execute(name: str, args) -> int:
     import torch
 
     torch.manual_seed(args.seed)
-    dtype = args.dtype
-    if dtype == "auto" and device.type == "cpu":  # bf16 only where this CPU runs it faster
-        from btlm.precision import choose_cpu_dtype
-
-        choice = choose_cpu_dtype()
-        print(f"--dtype auto: {choice}", file=sys.stderr)
-        dtype = choice.dtype
+    dtype = resolve_auto_dtype(args.dtype, device, log=lambda m: print(m, file=sys.stderr))
     model = load_model(args.model, dtype=dtype, device=device,
                        **context_overrides(args.model, args.n_positions, args.alibi_scaling))
     tokenizer = resolve_tokenizer(args.model)

@@ -253,10 +253,11 @@ class TorchEngine(Engine):
         from pathlib import Path
 
         from btlm.inference import load_model
-        from btlm.io import resolve_device
+        from btlm.io import resolve_auto_dtype, resolve_device
         from btlm.tokenizer import load_tokenizer
 
         device = resolve_device(device, path)
+        dtype = resolve_auto_dtype(dtype, device, log=log.info)
         model = load_model(path, dtype=dtype, device=device)
         tokenizer = load_tokenizer(path) if Path(path, "tokenizer_config.json").is_file() else load_tokenizer()
         return cls(model, tokenizer, max_batch_size=max_batch_size)
