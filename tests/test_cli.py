@@ -288,3 +288,19 @@ def test_data_shuffle_refuses_a_non_empty_output(tmp_path, capsys):
     assert "not empty" in _error(capsys)
     assert btlm(["data", "shuffle", str(tmp_path / "d"), str(out), "--seed", "1", "--overwrite"]) == 0
     assert (out / "notes.txt").read_text() == "mine" and (out / "shuffle_params.json").is_file()
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path):
+    """Files written through a temporary sibling are readable like any file the user's umask allows,
+    not mkstemp's private 0600."""
+    import os
+    import stat
+
+    from btlm.io import atomic_write
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644

@@ -45,6 +45,12 @@ class ModelLoadError(BTLMError, RuntimeError):
 # ------------------------------------------------------------------------------------ atomic writes
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary sibling path of ``path``; renamed onto ``path`` when the block succeeds.
@@ -55,6 +61,7 @@ def atomic_path(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # the mode open() would give, not mkstemp's private 0600
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -153,14 +153,8 @@ def test_huggingface_tokenizer_matches_gpt2(corpus, prepared, tmp_path):
     np.testing.assert_array_equal(read_rows(tmp_path / "o"), read_rows(prepared[0]))
 
 
-def test_kill_and_resume_gives_identical_shards(tmp_path):
-    d = tmp_path / "in"
-    d.mkdir()
-    for i in range(6):
-        write_jsonl(d / f"part{i}.jsonl", make_docs(200, seed=10 + i, max_words=300))
-    common = dict(max_seq_length=64, files_per_record=64, compression="none")
-    prepare(d, tmp_path / "ref", batch_chars=20000, **common)
-    out = tmp_path / "killed"
+def _killed_run(d, out, common):
+    """``prepare(d, out)`` killed (SIGKILL) after its first checkpoint."""
     # a forked child (starts instantly, no re-import) running the real thing with 2 worker processes
     import multiprocessing as mp
 
@@ -175,6 +169,30 @@ def test_kill_and_resume_gives_identical_shards(tmp_path):
     assert (out / "checkpoint.json").exists()
     ckpt = json.loads((out / "checkpoint.json").read_text())
     assert not ckpt["complete"], "the run finished before it could be killed; make the corpus larger"
+
+
+def test_resume_keeps_h5_files_btlm_did_not_write(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(6):
+        write_jsonl(d / f"part{i}.jsonl", make_docs(200, seed=10 + i, max_words=300))
+    common = dict(max_seq_length=64, files_per_record=64, compression="none")
+    out = tmp_path / "killed"
+    _killed_run(d, out, common)
+    (out / "mine.h5").write_bytes(b"the user's own file")
+    prepare(d, out, batch_chars=20000, resume_from_checkpoint=True, **common)
+    assert (out / "mine.h5").read_bytes() == b"the user's own file"
+
+
+def test_kill_and_resume_gives_identical_shards(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(6):
+        write_jsonl(d / f"part{i}.jsonl", make_docs(200, seed=10 + i, max_words=300))
+    common = dict(max_seq_length=64, files_per_record=64, compression="none")
+    prepare(d, tmp_path / "ref", batch_chars=20000, **common)
+    out = tmp_path / "killed"
+    _killed_run(d, out, common)
     # a half-written shard never carries a finished name
     (out / ".examples_00099.h5.tmp123").write_bytes(b"partial")
     assert not (out / "data_params.json").exists()

@@ -238,3 +238,12 @@ def test_model_zoo_2x_trainer_yaml_is_the_same_run_as_the_2_0_params(tmp_path):
     (tmp_path / "bad.yaml").write_text(text.replace("- ComputeNorm: {}", "- SomethingElse: {}"))
     with pytest.raises(ConfigError, match=r"bad.yaml: trainer.init.callbacks\[2\]: callback 'SomethingElse'"):
         load_params(tmp_path / "bad.yaml")
+
+
+def test_coord_check_refuses_to_replace_earlier_results_before_any_run(tmp_path, capsys):
+    (tmp_path / "coord_check.csv").write_text("mine\n")
+    argv = ["coord-check", "--params", str(CONFIGS / "params_btlm_tiny_cpu.yaml"), "--widths", "32,64",
+            "--steps", "1", "--data", "random", "--out", str(tmp_path)]
+    assert mup_main(argv) == 1
+    assert "coord_check.csv already exists; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "coord_check.csv").read_text() == "mine\n" and not (tmp_path / "coord_check.png").exists()

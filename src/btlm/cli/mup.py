@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from btlm.cli.common import Parser, add_seed
+from btlm.cli.common import Parser, add_overwrite, add_seed
 
 DESCRIPTION = """\
 Check a params YAML's muP before spending compute.
@@ -41,6 +41,7 @@ def _floats(text: str) -> list[float]:
 def _common(p: Parser) -> None:
     p.add_argument("--params", "-p", required=True, help="Model Zoo params YAML (either muP spelling)")
     p.add_argument("--out", "-o", default="mup_out", help="output directory")
+    add_overwrite(p)
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: 4 coord-check, 8 sweep)")
     p.add_argument("--seq-len", type=int, default=64, help="sequence length of random-token batches")
     p.add_argument("--data", choices=("auto", "params", "random"), default="auto",
@@ -78,8 +79,13 @@ def execute(name: str, args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from btlm.io import check_output_file
+
     params, _ = load_params(args.params)
     out = Path(args.out)
+    stem = "coord_check" if args.command == "coord-check" else "sweep"
+    for name in (f"{stem}.csv", f"{stem}.png"):  # before the runs: never replace a file unasked
+        check_output_file(out / name, args.overwrite)
     if args.command == "coord-check":
         rows = mup.coord_check(params, args.widths, steps=args.steps, batch_size=args.batch_size or 4,
                                seq_len=args.seq_len, lr=args.lr, seed=args.seed, data=args.data, seeds=args.seeds)

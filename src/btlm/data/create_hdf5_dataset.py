@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -200,8 +201,9 @@ def _prepare_output(cfg: dict, fingerprint: dict) -> dict | None:
         raise DataError(f"--resume_from_checkpoint: {ckpt_path} was written with different {what}; "
                         "resume needs the same inputs and settings")
     keep = {shard_name(cfg, i) for i in range(ckpt["shards_written"])}
+    ours = re.compile(re.escape(cfg["output_name"]) + r"_\d{5}\.h5")  # only names btlm gives its shards
     for f in os.listdir(out):  # shards after the checkpoint and half-written temporaries are redone
-        if (f.endswith(".h5") and f not in keep) or (f.startswith(".") and ".tmp" in f):
+        if (ours.fullmatch(f) and f not in keep) or (f.startswith(".") and ".tmp" in f):
             os.remove(os.path.join(out, f))
     missing = sorted(keep - set(os.listdir(out)))
     if missing:

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -43,6 +41,7 @@ import torch
 from torch import nn
 
 from btlm.errors import BTLMError
+from btlm.io import atomic_path
 
 from .config import ModelConfig, OptimizerConfig, Params, lr_multipliers
 from .modeling import build_model, effective_initializers, lm_loss, scale_initializer
@@ -314,33 +313,22 @@ def format_verdict(entries: list[dict], threshold: float = GROWTH_THRESHOLD) -> 
 # ---- output files -----------------------------------------------------------------------------------
 
 
-def _atomic_path(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the results unreadable to others
-    return Path(tmp)
-
-
 def write_csv(rows: list[dict], path: str | Path) -> Path:
     """Write ``rows`` as CSV (atomically: temp file + rename)."""
     path = Path(path)
-    tmp = _atomic_path(path)
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
     return path
 
 
 def _save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    tmp = _atomic_path(path)
-    fig.savefig(tmp, dpi=110, format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
