@@ -153,6 +153,15 @@ def test_huggingface_tokenizer_matches_gpt2(corpus, prepared, tmp_path):
     np.testing.assert_array_equal(read_rows(tmp_path / "o"), read_rows(prepared[0]))
 
 
+def _resume_corpus(tmp_path):
+    """Input files large enough to kill a run between shards, and the settings the resume tests use."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(6):
+        write_jsonl(d / f"part{i}.jsonl", make_docs(200, seed=10 + i, max_words=300))
+    return d, dict(max_seq_length=64, files_per_record=64, compression="none")
+
+
 def _killed_run(d, out, common):
     """``prepare(d, out)`` killed (SIGKILL) after its first checkpoint."""
     # a forked child (starts instantly, no re-import) running the real thing with 2 worker processes
@@ -172,11 +181,7 @@ def _killed_run(d, out, common):
 
 
 def test_resume_keeps_h5_files_btlm_did_not_write(tmp_path):
-    d = tmp_path / "in"
-    d.mkdir()
-    for i in range(6):
-        write_jsonl(d / f"part{i}.jsonl", make_docs(200, seed=10 + i, max_words=300))
-    common = dict(max_seq_length=64, files_per_record=64, compression="none")
+    d, common = _resume_corpus(tmp_path)
     out = tmp_path / "killed"
     _killed_run(d, out, common)
     (out / "mine.h5").write_bytes(b"the user's own file")
@@ -185,11 +190,7 @@ def test_resume_keeps_h5_files_btlm_did_not_write(tmp_path):
 
 
 def test_kill_and_resume_gives_identical_shards(tmp_path):
-    d = tmp_path / "in"
-    d.mkdir()
-    for i in range(6):
-        write_jsonl(d / f"part{i}.jsonl", make_docs(200, seed=10 + i, max_words=300))
-    common = dict(max_seq_length=64, files_per_record=64, compression="none")
+    d, common = _resume_corpus(tmp_path)
     prepare(d, tmp_path / "ref", batch_chars=20000, **common)
     out = tmp_path / "killed"
     _killed_run(d, out, common)
