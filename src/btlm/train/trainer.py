@@ -581,10 +581,12 @@ class _TrainProgress:
         tok_rate = rate * out.msl
         mfu = tok_rate / env.world_size * flops_per_token(self.base, out.msl) / self.peak
         pnorm = _param_norm(_optimized_params(self.run.optimizer))  # collective under FSDP2: every rank computes it
+        peak_gib = _peak_memory_gib(env.device)
         logger.info("| Train Device=%s, Step=%d, Loss=%.5f, LR=%s, Rate=%.2f samples/sec, "
-                    "GlobalRate=%.2f samples/sec, Tokens/sec=%.0f, MFU=%.1f%%, GradNorm=%.4f",
+                    "GlobalRate=%.2f samples/sec, Tokens/sec=%.0f, MFU=%.1f%%, GradNorm=%.4f%s",
                     env.device.type.upper(), step, out.loss,
-                    "/".join(f"{lr:.3e}" for lr in out.lrs), rate, avg, tok_rate, 100 * mfu, float(out.grad_norm))
+                    "/".join(f"{lr:.3e}" for lr in out.lrs), rate, avg, tok_rate, 100 * mfu, float(out.grad_norm),
+                    "" if peak_gib is None else f", PeakMem={peak_gib:.2f} GiB")
         scalars = {"loss": out.loss}
         for i, (g, lr) in enumerate(zip(self.run.optimizer.param_groups, out.lrs)):
             scalars[f"lr/{i}"] = lr
@@ -595,6 +597,8 @@ class _TrainProgress:
                         "params_norm/model_wise_params_norm": pnorm})
         if self.run.scaler is not None:
             scalars["loss_scale"] = self.run.scaler.get_scale()
+        if peak_gib is not None:
+            scalars["memory/peak_allocated_gib"] = peak_gib
         self.metrics.scalars(scalars, step)
         self.t_last, self.samples_since = now, 0
 
@@ -602,6 +606,14 @@ class _TrainProgress:
         elapsed = time.perf_counter() - self.t_start
         logger.info("Processed %d sample(s) in %.1f seconds.", self.samples_total, elapsed)
         logger.info("Training completed successfully!")
+
+
+def _peak_memory_gib(device: torch.device) -> float | None:
+    """The most GPU memory this process's tensors have held so far (``torch.cuda.max_memory_allocated``), in
+    GiB; ``None`` off CUDA, where the process's RSS is the figure to watch instead."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
 
 
 @contextmanager
