@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 #: pipeline order; any other result file follows in name order
-ORDER = ["attention", "train_step", "train_memory", "data_prep", "memory", "decode", "quant_quality", "long_context"]
+ORDER = ["attention", "train_step", "train_memory", "gpu_check", "data_prep", "memory", "decode", "quant_quality", "long_context"]
 
 HEADER = """# Benchmarks
 
@@ -26,7 +26,7 @@ Each section is produced by the script and command it shows (`benchmarks/*.py`, 
 machines (24 GiB, no GPU): the earlier sections on an AVX2 CPU, the sections that name their CPU
 capability (memory, decode, training step dtypes, training memory, serve, fine-tune) on an AVX-512 +
 AMX CPU, often while other jobs shared it: compare the ratios to the baseline and to the roofline
-measured in the same run, not the absolute figures.
+measured in the same run, not the absolute figures. The "GPU check" section ran on one lent NVIDIA H200.
 """
 
 

@@ -139,6 +139,17 @@ print("serve engine on cuda: 8 concurrent greedy == alone")
 """
 
 
+NOTES = f"""Seconds are whole processes (start-up, model build, the measured matmul roofline, data loading). The
+model is `configs/params_btlm_100m.yaml`'s (~124M parameters, muP, bf16 autocast) with `batch_size`
+{BATCH[2048]} at msl 2048 and {BATCH[8192]} at msl 8192 (the same tokens per step), `grad_accum_steps` 1; peak
+is `torch.cuda.max_memory_allocated` as the training log reports it (`PeakMem`): equal at 2k and 8k for the
+same tokens per step, as linear attention memory predicts. The first loss is ~26 nats per token, not
+ln(50257) ≈ 10.8: with tied embeddings at the muP initialisation the final hidden state still points along
+the input token's embedding, so the input token's own logit (~28) dominates the softmax; it falls within
+a few steps. The loss is per token at msl 2048 and 4× that at 8192 (`loss_weight` 1/2048 is the 2k config's).
+"""
+
+
 def _peak(out: str) -> str:
     found = re.findall(r"PeakMem=([\d.]+) GiB", out)
     return f"{max(map(float, found)):.2f} GiB" if found else "-"
@@ -199,12 +210,13 @@ def run(dirpath: Path, out_md: Path, lengths: str, skip_memory: bool) -> int:
         check("train_memory.py --device cuda", [sys.executable, str(ROOT / "benchmarks" / "train_memory.py"),
                                                 "--device", "cuda", "--lengths", lengths,
                                                 "--paths", "chunked,eager", "--repeats", "1", "--out", str(mem_md)])
-        memory = mem_md.read_text() if mem_md.exists() else ""
+        memory = re.sub(r"^# ", "### ", mem_md.read_text(), flags=re.M) if mem_md.exists() else ""
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     out_md.write_text(
         f"# GPU check on {name} (torch {torch.__version__})\n\n"
         f"`python benchmarks/gpu_check.py run DIR --out {out_md.name}` after `prepare DIR` on a CPU machine.\n\n"
-        "| check | result | seconds | detail |\n| --- | --- | ---: | --- |\n" + "\n".join(rows) + "\n\n" + memory)
+        "| check | result | seconds | detail |\n| --- | --- | ---: | --- |\n" + "\n".join(rows) + "\n\n" + NOTES
+        + "\n" + memory)
     print(f"{failures} failure(s); wrote {out_md}")
     return 1 if failures else 0
 

@@ -19,6 +19,7 @@ they are reported as absent. Random weights of the preset's shape (written once 
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib.util
 import os
 import socket
@@ -84,13 +85,13 @@ def server_command(variant: str, path: Path, port: int, model_name: str) -> list
     return cmd
 
 
-def wait_up(proc: subprocess.Popen, base_url: str, timeout: float = 300) -> None:
+def wait_up(proc: subprocess.Popen, base_url: str, tail, timeout: float = 300) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
+            raise RuntimeError(f"server exited with {proc.returncode}")
         try:
             if httpx.get(base_url + "/v1/models", timeout=2).status_code == 200:
                 return
@@ -159,8 +160,11 @@ def bench_variant(variant: str, path: Path, levels: list[int], requests: int, ne
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(server_command(variant, path, port, model), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
+    # Drain the server's output all along: an unread pipe fills (llama.cpp logs a lot) and blocks the server.
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    threading.Thread(target=lambda: tail.extend(proc.stdout), daemon=True).start()
     try:
-        wait_up(proc, base_url)
+        wait_up(proc, base_url, tail)
         one_request(OpenAI(base_url=base_url + "/v1", api_key="unused"), model, PROMPTS[0], 8)  # warm-up
         rows = []
         for clients in levels:
@@ -169,6 +173,8 @@ def bench_variant(variant: str, path: Path, levels: list[int], requests: int, ne
                   f"latency p50 {row['latency'][0]:.2f}s", flush=True)
             rows.append(row)
         return rows
+    except Exception as err:
+        raise RuntimeError(f"{variant}: {err}; the server's last output:\n{''.join(tail)}") from err
     finally:
         proc.terminate()
         try:
