@@ -160,7 +160,7 @@ def _loss(out: str) -> str:
     return ", ".join(f"{s}: {l}" for s, l in found) or "-"
 
 
-def run(dirpath: Path, out_md: Path, lengths: str, skip_memory: bool) -> int:
+def run(dirpath: Path, out_md: Path, lengths: str, skip_memory: bool, only: list[str]) -> int:
     import torch
 
     log = out_md.with_suffix(".log")
@@ -171,10 +171,13 @@ def run(dirpath: Path, out_md: Path, lengths: str, skip_memory: bool) -> int:
     def check(name: str, cmd: list[str], expect_rc: int = 0, expect: str | None = None, cwd_env=None,
               detail=lambda out: "") -> str:
         nonlocal failures
+        if only and not any(word in name for word in only):
+            return ""
         rc, out, elapsed = _sh(cmd, log, env=cwd_env)
         ok = rc == expect_rc and (expect is None or re.search(expect, out) is not None)
         failures += not ok
-        rows.append(f"| {name} | {'pass' if ok else f'FAIL (rc {rc})'} | {elapsed:.1f} | {detail(out)} |")
+        cell = detail(out).replace("|", "\\|")  # a table cell
+        rows.append(f"| {name} | {'pass' if ok else f'FAIL (rc {rc})'} | {elapsed:.1f} | {cell} |")
         print(rows[-1], flush=True)
         return out
 
@@ -205,7 +208,7 @@ def run(dirpath: Path, out_md: Path, lengths: str, skip_memory: bool) -> int:
     check("cuda paths: sdpa/eager, kv cache, serve batching", [sys.executable, "-c", CUDA_PATHS, "tiny"],
           detail=lambda o: " ".join(l.strip() for l in o.splitlines() if l.strip() and "Loading" not in l)[-300:])
     memory = ""
-    if not skip_memory:
+    if not skip_memory and not only:
         mem_md = out_md.with_name("train_memory_cuda.md")
         check("train_memory.py --device cuda", [sys.executable, str(ROOT / "benchmarks" / "train_memory.py"),
                                                 "--device", "cuda", "--lengths", lengths,
@@ -214,7 +217,7 @@ def run(dirpath: Path, out_md: Path, lengths: str, skip_memory: bool) -> int:
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     out_md.write_text(
         f"# GPU check on {name} (torch {torch.__version__})\n\n"
-        f"`python benchmarks/gpu_check.py run DIR --out {out_md.name}` after `prepare DIR` on a CPU machine.\n\n"
+        f"`python benchmarks/gpu_check.py run DIR {' '.join(sys.argv[3:])}` after `prepare DIR` on a CPU machine.\n\n"
         "| check | result | seconds | detail |\n| --- | --- | ---: | --- |\n" + "\n".join(rows) + "\n\n" + NOTES
         + "\n" + memory)
     print(f"{failures} failure(s); wrote {out_md}")
@@ -231,11 +234,13 @@ def main() -> int:
     r.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_check.md")
     r.add_argument("--lengths", default="2048,4096,8192,16384,32768", help="train_memory.py lengths")
     r.add_argument("--skip-memory", action="store_true", help="skip train_memory.py")
+    r.add_argument("--only", default="", help="comma list: run only the checks whose name contains one of these")
     args = ap.parse_args()
     if args.phase == "prepare":
         prepare(args.dir.resolve())
         return 0
-    return run(args.dir.resolve(), args.out.resolve(), args.lengths, args.skip_memory)
+    only = [w for w in args.only.split(",") if w]
+    return run(args.dir.resolve(), args.out.resolve(), args.lengths, args.skip_memory, only)
 
 
 if __name__ == "__main__":
