@@ -28,7 +28,7 @@ import time
 import torch
 
 from btlm.train.config import load_params
-from btlm.train.modeling import build_model, lm_loss
+from btlm.train.zoo_model import build_model, lm_loss
 from btlm.train.optim import ScheduledLR, build_optimizer
 from btlm.train.trainer import flops_per_token, measure_peak_flops
 
