@@ -121,7 +121,7 @@ def main() -> None:
     else:
         names = args.dtypes.split(",")
     mem = memory_read_gbps(device)
-    from btlm.quant.benchutil import machine_description
+    from _common import machine_description
 
     emit(f"Machine: {machine_description() if device.type == 'cpu' else torch.cuda.get_device_name()}; "
          f"memory read {mem:.1f} GB/s.")
