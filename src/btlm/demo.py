@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "params_btlm_tiny_cpu.yaml"
+CONFIG = Path(__file__).resolve().parent / "configs" / "params_btlm_tiny_cpu.yaml"  # package data (configs/ in a checkout)
 
 
 def _step(n: int, text: str) -> None:
