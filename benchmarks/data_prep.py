@@ -17,32 +17,20 @@ Rows run in interleaved rounds and the best round of each is reported.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import platform
 import statistics
-import sysconfig
 import tempfile
 import time
-from pathlib import Path
 
 
 def stdlib_docstrings(target_bytes: int) -> list[str]:
-    """One document per stdlib module: all its docstrings joined by blank lines (repeated to reach the size)."""
-    docs = []
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
-        if "test" in path.parts or "site-packages" in path.parts:
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        parts = [ast.get_docstring(n) for n in ast.walk(tree)
-                 if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
-        text = "\n\n".join(p for p in parts if p)
-        if len(text) > 200:
-            docs.append(text)
+    """One document per stdlib module (:func:`btlm.data.corpus.module_docstrings`, every docstring kept),
+    repeated to reach the size."""
+    from btlm.data.corpus import module_docstrings
+
+    docs = [text for _, text in module_docstrings(min_chars=0) if len(text) > 200]
     if not docs:
         raise SystemExit("no stdlib sources found to build the corpus from")
     out, size, i = [], 0, 0
@@ -80,13 +68,14 @@ def raw_tokenizer_numpy(enc, docs: list[str], threads: int) -> tuple[float, int]
 
 def pipeline(corpus_dir: str, out_dir: str, compression: str, args) -> tuple[float, int]:
     """Seconds and tokens of one full ``btlm data LMData`` run, tokenizer construction included."""
-    from btlm.data.create_hdf5_dataset import OPTIONS, run
+    from btlm.data.create_hdf5_dataset import run
+    from btlm.data.options import load_config
     from btlm.data.preprocess import _gpt2_encoding
 
     _gpt2_encoding.cache_clear()  # every run builds its tokenizer, as a fresh `btlm data` process does
-    cfg = {k: v[2] for k, v in OPTIONS.items()}
-    cfg.update(input_dir=corpus_dir, output_dir=out_dir, processes=args.processes,
-               max_seq_length=args.max_seq_length, compression=compression, files_per_record=args.files_per_record)
+    cfg = load_config(None, dict(input_dir=corpus_dir, output_dir=out_dir, processes=args.processes,
+                                 max_seq_length=args.max_seq_length, compression=compression,
+                                 files_per_record=args.files_per_record))
     t0 = time.perf_counter()
     params = run(cfg, log=lambda *a: None)
     return time.perf_counter() - t0, params["post-process"]["tokens"]

@@ -130,7 +130,7 @@ def child(path: str, variant: str, attn: str, prompt_len: int, new_tokens: int, 
     if attn.startswith("generate"):
         return generate_child(path, variant, "static" if attn == "generate-static" else None, prompt_len, new_tokens)
 
-    from btlm.quant.benchutil import load_for_benchmark, weight_bytes
+    from _common import load_for_benchmark, weight_bytes
     from btlm.quant.kernels import cpu_capability
 
     model = load_for_benchmark(path, variant, attn=attn)
@@ -159,7 +159,7 @@ def generate_child(path: str, variant: str, cache: str | None, prompt_len: int, 
     decode = (generate(1 + n new tokens) − generate(1 new token)) / n, each the best of two."""
     import torch
 
-    from btlm.quant.benchutil import load_for_benchmark, weight_bytes
+    from _common import load_for_benchmark, weight_bytes
     from btlm.quant.kernels import cpu_capability
 
     model = load_for_benchmark(path, variant)
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                         "one row each (default: only the CPU's own; the generate rows always run at the CPU's own)")
     p.add_argument("--profile", type=int, default=8,
                    help="decode steps profiled per int4 row for the 'where the time goes' table (0: none)")
-    from btlm.quant.benchutil import add_checkpoint_arguments
+    from _common import add_checkpoint_arguments
 
     add_checkpoint_arguments(p, Path(__file__).parent / "results" / "decode.md")
     args = p.parse_args(argv)
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown variants {unknown}; choose from {list(ROWS)}", file=sys.stderr)
         return 2
 
-    from btlm.quant.benchutil import (DEFAULT_WORKDIR, ensure_checkpoints, load_average, machine_description,
+    from _common import (DEFAULT_WORKDIR, ensure_checkpoints, load_average, machine_description,
                                       memory_read_bandwidth, run_child, write_result)
 
     dirs = ensure_checkpoints(args.workdir or DEFAULT_WORKDIR, sorted({ROWS[r][0] for r in rows}), preset=args.preset)

@@ -39,7 +39,7 @@ def child(path: str, variant: str, new_tokens: int) -> None:
     import torch
 
     import btlm  # noqa: F401
-    from btlm.quant.benchutil import load_for_benchmark
+    from _common import load_for_benchmark
     from btlm.quant.kernels import cpu_capability
 
     runtime = peak_rss()
@@ -103,12 +103,12 @@ def main(argv: list[str] | None = None) -> int:
                         "and the 120 tokens left out add only ~40 MB of KV cache")
     p.add_argument("--capability", default=None,
                    help="run each measurement under ATEN_CPU_CAPABILITY=this (default, avx2, avx512; default: the CPU's)")
-    from btlm.quant.benchutil import add_checkpoint_arguments
+    from _common import add_checkpoint_arguments
 
     add_checkpoint_arguments(p, Path(__file__).parent / "results" / "memory.md")
     args = p.parse_args(argv)
 
-    from btlm.quant.benchutil import (DEFAULT_WORKDIR, ensure_checkpoints, load_average, machine_description,
+    from _common import (DEFAULT_WORKDIR, ensure_checkpoints, load_average, machine_description,
                                       run_child, write_result)
 
     variants = args.variants.split(",")

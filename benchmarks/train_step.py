@@ -28,7 +28,7 @@ import time
 import torch
 
 from btlm.train.config import load_params
-from btlm.train.modeling import build_model, lm_loss
+from btlm.train.zoo_model import build_model, lm_loss
 from btlm.train.optim import ScheduledLR, build_optimizer
 from btlm.train.trainer import flops_per_token, measure_peak_flops
 
@@ -121,7 +121,7 @@ def main() -> None:
     else:
         names = args.dtypes.split(",")
     mem = memory_read_gbps(device)
-    from btlm.quant.benchutil import machine_description
+    from _common import machine_description
 
     emit(f"Machine: {machine_description() if device.type == 'cpu' else torch.cuda.get_device_name()}; "
          f"memory read {mem:.1f} GB/s.")

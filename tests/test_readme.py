@@ -40,3 +40,19 @@ def test_data_and_training_quickstart_runs_as_written(tmp_path, monkeypatch, cap
         assert btlm(shlex.split(line)[1:]) == 0, (line, capsys.readouterr().err[-2000:])
     assert (tmp_path / "runs" / "tiny-hf" / "model.safetensors").is_file()
     assert "Return a new list" in capsys.readouterr().out
+
+
+def test_the_layout_section_names_what_is_in_the_tree():
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Layout\n\n```\n(.*?)```", text, re.S).group(1)
+    named = set(re.findall(r"(?:src/btlm/|^|\s)([\w./]+)", block, re.M))
+    for path in re.findall(r"src/btlm/[\w./]*", block):
+        assert (ROOT / path).exists(), f"README layout names {path}, which is not in the tree"
+    for entry in (ROOT / "src" / "btlm").iterdir():
+        if entry.name in ("__init__.py", "__main__.py", "__pycache__"):
+            continue
+        shown = entry.name + ("/" if entry.is_dir() else "")
+        assert any(n.rstrip("/").endswith(entry.name) for n in named), f"README layout lacks src/btlm/{shown}"
+    for top in ("benchmarks", "docs", "tests"):
+        assert top + "/" in block and (ROOT / top).is_dir()
+    assert (ROOT / "configs").resolve() == (ROOT / "src" / "btlm" / "configs").resolve()

@@ -14,14 +14,12 @@ Everything goes to ``demo_out/`` (re-running resumes / reuses what is there; del
 
 from __future__ import annotations
 
-import ast
 import json
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "params_btlm_tiny_cpu.yaml"
+CONFIG = Path(__file__).resolve().parent / "configs" / "params_btlm_tiny_cpu.yaml"  # package data (configs/ in a checkout)
 
 
 def _step(n: int, text: str) -> None:
@@ -29,33 +27,21 @@ def _step(n: int, text: str) -> None:
 
 
 def build_corpus(out: Path, val_every: int = 20, root: Path | None = None) -> tuple[int, int]:
-    """Docstrings of the standard library's modules, classes and functions, one ``.txt`` document per
-    module; every ``val_every``-th module goes to validation. Returns (train, val) character counts.
+    """The docstrings of the standard library (:func:`btlm.data.corpus.module_docstrings`), one ``.txt``
+    document per module; every ``val_every``-th module goes to validation. Returns (train, val) character
+    counts.
 
     ``root`` takes the docstrings of another source tree instead (e.g. an installed package, for text the
     demo model never saw: docs/long-context.md evaluates on ``transformers``' docstrings)."""
-    src = Path(root or sysconfig.get_paths()["stdlib"])
-    skip = ("test", "tests", "idlelib", "site-packages", "lib2to3")
-    files = sorted(p for p in src.rglob("*.py") if not any(part in skip for part in p.relative_to(src).parts))
+    from btlm.data.corpus import module_docstrings
+
     sizes = [0, 0]
     for split in ("train", "val"):
         (out / split).mkdir(parents=True, exist_ok=True)
-    for i, path in enumerate(files):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        docs = []
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 80:  # skip one-liners: mostly identifiers, little English
-                    docs.append(doc.strip())
-        if not docs:
+    for i, (name, text) in enumerate(module_docstrings(root)):
+        if not text:
             continue
         split = 1 if i % val_every == 0 else 0
-        name = "_".join(path.relative_to(src).with_suffix("").parts)
-        text = "\n\n".join(docs)
         (out / ("train", "val")[split] / f"{name}.txt").write_text(text, encoding="utf-8")
         sizes[split] += len(text)
     return sizes[0], sizes[1]

@@ -153,7 +153,7 @@ def test_cli_flags_and_training_loader(tmp_path, capsys):
     import torch
 
     from btlm.data.loader import H5SampleDataset, collate_rows
-    from btlm.train.modeling import lm_loss
+    from btlm.train.zoo_model import lm_loss
 
     write_pairs(tmp_path / "in" / "p.jsonl", PAIRS[:3], "prompt", "completion")
     assert btlm_main(["data", "Summarization", "--input_dir", str(tmp_path / "in"), "--output_dir",

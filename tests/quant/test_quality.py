@@ -2,7 +2,7 @@
 
 A random model's next-token distributions are nearly flat, so almost any weight error looks harmless on
 it; here a tiny BTLM (byte vocabulary, 2 layers × 64 wide) is trained for 150 steps on Python's own
-docstrings (perplexity ~19 vs 256 for uniform) and compared with its int8 / int4 copies on the last 10 % of
+docstrings (perplexity ~15 vs 256 for uniform) and compared with its int8 / int4 copies on the last 10 % of
 the text, which it never saw. What this shows: the quantised layers compute what the trained weights
 compute, to within the bounds below; it says nothing about a 3B model's benchmark scores.
 """

@@ -9,7 +9,7 @@ import torch
 
 from btlm.train.config import load_params
 from btlm.train.convert import hf_config_to_params
-from btlm.train.modeling import btlm_config_from_params
+from btlm.train.zoo_model import btlm_config_from_params
 
 from .conftest import CONFIGS
 

@@ -14,7 +14,7 @@ import btlm  # noqa: F401  (registers model_type "btlm" with the Auto classes)
 from btlm.train import checkpoint as ckpt
 from btlm.train.config import parse_params
 from btlm.cli import main as btlm_main
-from btlm.train.modeling import build_model
+from btlm.train.zoo_model import build_model
 from btlm.train.trainer import Runner
 
 
@@ -128,7 +128,7 @@ def test_from_hf_params_loss_weight_follows_the_data_msl(tiny_raw, tmp_path):
     (the default is the per-token mean at any msl), with --msl N it is BTLM's batch_size form, 1/N."""
     from btlm.inference import save_model
     from btlm.model import BTLMLMHeadModel
-    from btlm.train.modeling import btlm_config_from_params
+    from btlm.train.zoo_model import btlm_config_from_params
 
     params = parse_params(tiny_raw)
     config = btlm_config_from_params(params.model, params.optimizer, n_positions=1024)  # msl of the data: 16

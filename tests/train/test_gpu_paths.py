@@ -215,7 +215,7 @@ def test_fsdp2_all_gathers_in_the_run_precision(monkeypatch, tiny_raw, tmp_path)
 def test_training_forward_reads_nothing_back_from_the_device(tiny_raw, tmp_path):
     """The runner's forward + loss on a device where any read-back fails (meta, standing for a GPU); the
     token ids are validated on the CPU batch instead."""
-    from btlm.train.modeling import build_model
+    from btlm.train.zoo_model import build_model
 
     params = parse_params(tiny_raw)
     runner = Runner(params, tiny_raw, tmp_path, "CPU", D.DistEnv(device=torch.device("meta")))

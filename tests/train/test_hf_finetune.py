@@ -14,7 +14,7 @@ from btlm.data.create_hdf5_dataset import run as prepare
 from btlm.data.loader import H5SampleDataset, collate_hf, collate_rows
 from btlm.data.options import load_config
 from btlm.io import load_model, save_model
-from btlm.train.modeling import lm_loss
+from btlm.train.zoo_model import lm_loss
 from tests.conftest import make_model
 
 LORA = dict(target_modules=["c_attn", "c_proj"], r=8, lora_alpha=16, lora_dropout=0.0)

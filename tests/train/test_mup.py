@@ -16,7 +16,7 @@ from btlm.train import checkpoint as ckpt
 from btlm.train import mup
 from btlm.train.config import ConfigError, parse_params
 from btlm.cli import main as btlm_main
-from btlm.train.modeling import btlm_config_from_params, build_model
+from btlm.train.zoo_model import btlm_config_from_params, build_model
 from btlm.train.optim import build_param_groups
 from btlm.train.trainer import Runner
 
@@ -210,7 +210,7 @@ def test_sweep_reports_an_optimum_per_width_and_a_huge_lr_never_wins(tiny_raw, t
 
 def test_model_zoo_2x_trainer_yaml_is_the_same_run_as_the_2_0_params(tmp_path):
     from btlm.train.config import load_params, lr_multipliers
-    from btlm.train.modeling import effective_initializers
+    from btlm.train.zoo_model import effective_initializers
 
     new, _ = load_params(Path(__file__).parent / "data" / "trainer_btlm_2p7b_8k.yaml")
     old, _ = load_params(CONFIGS / "params_btlm_2p7b_8k.yaml")

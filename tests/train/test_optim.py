@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from btlm.train.config import OptimizerConfig, load_params, parse_params
-from btlm.train.modeling import build_model, lm_loss
+from btlm.train.zoo_model import build_model, lm_loss
 from btlm.train.optim import AdamW, ScheduledLR, build_optimizer, build_param_groups
 
 from .conftest import CONFIGS, TINY

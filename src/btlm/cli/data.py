@@ -24,15 +24,16 @@ Of the Model Zoo modes LMData and Summarization are supported (FIM, *_VSL and Cu
 
 
 def _add_options(p, mode: str) -> None:
-    """The Model Zoo flags of ``btlm data MODE`` (spelled as the Model Zoo does: snake_case)."""
+    """The Model Zoo flags of ``btlm data MODE`` (spelled as the Model Zoo does: snake_case), one a setting of
+    its config class; the values are checked when the command runs, by the config."""
     from btlm.data.options import options_for, str2bool as data_str2bool
 
     p.add_argument("--params", help="YAML with setup / processing / dataset sections (command-line flags override it)")
-    for key, (_, typ, default, help_) in options_for(mode).items():
+    for key, setting in options_for(mode).items():
         if key == "display_pbar":
             continue
-        typ = str2bool if typ is data_str2bool else typ
-        p.add_argument(f"--{key}", type=typ, default=None, help=f"{help_} (default: {default})")
+        typ = str2bool if setting.type is data_str2bool else setting.type  # the CLI's: a bare flag means True
+        p.add_argument(f"--{key}", type=typ, default=None, help=f"{setting.help} (default: {setting.default})")
     add_progress(p, dest="display_pbar", aliases=("--display_pbar",))
 
 
@@ -77,13 +78,13 @@ def execute(name: str, args) -> int:
         from btlm.data.options import load_config, options_for
 
         cfg = load_config(args.params, {k: getattr(args, k) for k in options_for(args.mode)}, args.mode)
-        if cfg["display_pbar"] is None:
-            cfg["display_pbar"] = progress_enabled(None)
+        if cfg.display_pbar is None:
+            cfg.display_pbar = progress_enabled(None)
         params = run(cfg)
         pp, st = params["post-process"], params["h5_dataset_stats"]
         what = "pairs" if args.mode == "Summarization" else "documents"
-        print(f"wrote {pp['n_shards']} shards, {pp['n_examples']} sequences of {cfg['max_seq_length']} tokens to "
-              f"{cfg['output_dir']} ({pp['documents']} {what}, {pp['tokens']} tokens, loss on "
+        print(f"wrote {pp['n_shards']} shards, {pp['n_examples']} sequences of {cfg.max_seq_length} tokens to "
+              f"{cfg.output_dir} ({pp['documents']} {what}, {pp['tokens']} tokens, loss on "
               f"{st['loss_valid_tokens']}, {pp['seconds']:.1f} s)")
         if pp["discarded"]:
             print(f"discarded records: {pp['discarded']} (first ones listed under 'problems' in data_params.json)")

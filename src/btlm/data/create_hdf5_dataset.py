@@ -28,6 +28,7 @@ A re-implementation of the Cerebras Model Zoo ``create_hdf5_dataset.py LMData`` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -45,8 +46,8 @@ CHECKPOINT = "checkpoint.json"
 MAX_PROBLEMS_LISTED = 100
 
 
-from btlm.data.options import (NOT_IN_FINGERPRINT, OPTIONS, PROCESSORS, options_for,  # noqa: F401
-                               str2bool)  # (str2bool re-exported)
+from btlm.data.options import (NOT_IN_FINGERPRINT, OPTIONS, PROCESSORS, DataConfig, LMDataConfig,  # noqa: F401
+                               SummarizationConfig, mode_of, options_for, validate_config)
 
 # ---------------------------------------------------------------------------------------------
 # reading
@@ -157,8 +158,8 @@ class _Executor:
 # the run
 
 
-def shard_name(cfg: dict, idx: int) -> str:
-    return f"{cfg['output_name']}_{idx:05d}.h5"
+def shard_name(cfg: DataConfig, idx: int) -> str:
+    return f"{cfg.output_name}_{idx:05d}.h5"
 
 
 def _atomic_json(path: str, obj, indent: int | None = 2) -> None:
@@ -169,20 +170,20 @@ def _atomic_json(path: str, obj, indent: int | None = 2) -> None:
     atomic_write(path, json.dumps(obj, indent=indent), fsync=False)
 
 
-def _fingerprint(cfg: dict, files: list[str]) -> dict:
-    settings = {k: v for k, v in cfg.items() if k not in NOT_IN_FINGERPRINT}
+def _fingerprint(cfg: DataConfig, files: list[str]) -> dict:
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_FINGERPRINT}
     return {"settings": settings, "files": [[f, os.path.getsize(f)] for f in files]}
 
 
-def _prepare_output(cfg: dict, fingerprint: dict) -> dict | None:
+def _prepare_output(cfg: DataConfig, fingerprint: dict) -> dict | None:
     """Create the output dir; return the checkpoint to resume from (None: fresh run)."""
-    out = cfg["output_dir"]
+    out = cfg.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise DataError(f"output_dir {out!r} is a file; expected a directory")
     os.makedirs(out, exist_ok=True)
     shards = sorted(f for f in os.listdir(out) if f.endswith(".h5"))
     ckpt_path = os.path.join(out, CHECKPOINT)
-    if not cfg["resume_from_checkpoint"]:
+    if not cfg.resume_from_checkpoint:
         if shards:
             raise DataError(f"output_dir {out!r} already holds {len(shards)} .h5 files; pass "
                             "--resume_from_checkpoint True to continue a killed run, or use an empty directory")
@@ -201,7 +202,7 @@ def _prepare_output(cfg: dict, fingerprint: dict) -> dict | None:
         raise DataError(f"--resume_from_checkpoint: {ckpt_path} was written with different {what}; "
                         "resume needs the same inputs and settings")
     keep = {shard_name(cfg, i) for i in range(ckpt["shards_written"])}
-    ours = re.compile(re.escape(cfg["output_name"]) + r"_\d{5}\.h5")  # only names btlm gives its shards
+    ours = re.compile(re.escape(cfg.output_name) + r"_\d{5}\.h5")  # only names btlm gives its shards
     for f in os.listdir(out):  # shards after the checkpoint and half-written temporaries are redone
         if (ours.fullmatch(f) and f not in keep) or (f.startswith(".") and ".tmp" in f):
             os.remove(os.path.join(out, f))
@@ -211,9 +212,10 @@ def _prepare_output(cfg: dict, fingerprint: dict) -> dict | None:
     return ckpt
 
 
-def run(cfg: dict, batch_chars: int = 1 << 18, log=print) -> dict:
-    """Prepare the dataset described by ``cfg`` (see :data:`OPTIONS`); return the data_params dict."""
-    return Preprocessor(cfg, log).run(batch_chars)
+def run(cfg: DataConfig | dict, batch_chars: int = 1 << 18, log=print) -> dict:
+    """Prepare the dataset described by ``cfg`` (an :class:`LMDataConfig` / :class:`SummarizationConfig`, or a
+    mapping of their settings, checked here); return the data_params dict."""
+    return Preprocessor(validate_config(cfg), log).run(batch_chars)
 
 
 class Preprocessor:
@@ -226,25 +228,25 @@ class Preprocessor:
     checkpoint needs) lives on the object; :meth:`run` is the orchestration.
     """
 
-    def __init__(self, cfg: dict, log=print):
+    def __init__(self, cfg: DataConfig, log=print):
         self.cfg, self.log = cfg, log
-        self.files = discover_files(cfg["input_dir"], cfg["metadata_files"])
-        self.tok_spec = TokenizerSpec(cfg["tokenizer_type"], cfg["huggingface_tokenizer"], cfg["vocab_file"],
-                                      cfg["encoder_file"])
+        self.files = discover_files(cfg.input_dir, cfg.metadata_files)
+        self.tok_spec = TokenizerSpec(cfg.tokenizer_type, cfg.huggingface_tokenizer, cfg.vocab_file,
+                                      cfg.encoder_file)
         self.tok = BatchTokenizer(self.tok_spec)
         self.eos, self.pad = self._special_ids()
-        self.pairs = cfg.get("dataset_processor") == PROCESSORS["Summarization"]
-        self.sep_id = _sep_id(self.tok, cfg["sep_token"], log) if self.pairs else None
+        self.pairs = isinstance(cfg, SummarizationConfig)
+        self.sep_id = _sep_id(self.tok, cfg.sep_token, log) if self.pairs else None
         self.fingerprint = _fingerprint(cfg, self.files)
-        self.msl, self.fpr = cfg["max_seq_length"], cfg["files_per_record"]
+        self.msl, self.fpr = cfg.max_seq_length, cfg.files_per_record
 
     def _special_ids(self) -> tuple[int, int]:
         """The eos and pad ids: the flags', else the tokenizer's (pad defaults to the eos id given)."""
         cfg, tok = self.cfg, self.tok
-        eos = cfg["eos_id"] if cfg["eos_id"] is not None else tok.eos_id
-        pad = cfg["pad_id"] if cfg["pad_id"] is not None else (cfg["eos_id"] if cfg["eos_id"] is not None else tok.pad_id)
+        eos = cfg.eos_id if cfg.eos_id is not None else tok.eos_id
+        pad = cfg.pad_id if cfg.pad_id is not None else (cfg.eos_id if cfg.eos_id is not None else tok.pad_id)
         if eos is None or pad is None:
-            raise DataError(f"tokenizer {cfg['huggingface_tokenizer']!r} has no eos token: pass --eos_id")
+            raise DataError(f"tokenizer {cfg.huggingface_tokenizer!r} has no eos token: pass --eos_id")
         for key, value in (("eos_id", eos), ("pad_id", pad)):
             if not 0 <= value < tok.vocab_size:
                 raise DataError(f"{key} = {value}: expected an id in [0, {tok.vocab_size}) (the tokenizer's vocab_size)")
@@ -254,8 +256,8 @@ class Preprocessor:
         """Write the shards, data_params.json and the final checkpoint; return the data_params dict."""
         ckpt = _prepare_output(self.cfg, self.fingerprint)
         if ckpt and ckpt.get("complete"):
-            self.log(f"{self.cfg['output_dir']} is already complete ({ckpt['shards_written']} shards); nothing to resume")
-            with open(os.path.join(self.cfg["output_dir"], "data_params.json"), encoding="utf-8") as f:
+            self.log(f"{self.cfg.output_dir} is already complete ({ckpt['shards_written']} shards); nothing to resume")
+            with open(os.path.join(self.cfg.output_dir, "data_params.json"), encoding="utf-8") as f:
                 return json.load(f)
         start = self._restore(ckpt)
         self._process(start, batch_chars)
@@ -265,9 +267,9 @@ class Preprocessor:
         """Set up the packer and counters, from the checkpoint when resuming; return the corpus position
         (file index, record) to read from."""
         cfg = self.cfg
-        self.pair_spec = PairSpec(self.msl, self.pad, self.sep_id, cfg["min_sequence_len"]) if self.pairs else None
-        self.packer = PairRows() if self.pairs else Packer(self.msl, self.pad, cfg["pack_sequences"],
-                                                           cfg["short_seq_prob"], cfg["min_sequence_len"], cfg["seed"])
+        self.pair_spec = PairSpec(self.msl, self.pad, self.sep_id, cfg.min_sequence_len) if self.pairs else None
+        self.packer = PairRows() if self.pairs else Packer(self.msl, self.pad, cfg.pack_sequences,
+                                                           cfg.short_seq_prob, cfg.min_sequence_len, cfg.seed)
         self.counters, self.problems, self.shard_stats = Counter(), [], Counter()
         self.shards_written, start, self.skip_rows = 0, (0, 0), 0
         if ckpt:
@@ -291,19 +293,19 @@ class Preprocessor:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        processes = cfg["processes"] or os.cpu_count() or 1
-        clean_spec = CleanSpec(cfg["use_ftfy"], cfg["ftfy_normalizer"], cfg["wikitext_detokenize"],
-                               cfg.get("split_text_to_tokenize", False), cfg.get("chunk_len_to_split", 2000))
+        processes = cfg.processes or os.cpu_count() or 1
+        clean_spec = CleanSpec(cfg.use_ftfy, cfg.ftfy_normalizer, cfg.wikitext_detokenize,
+                               getattr(cfg, "split_text_to_tokenize", False), getattr(cfg, "chunk_len_to_split", 2000))
         self.ex = _Executor(processes, (self.tok_spec, clean_spec, self.eos, self.pair_spec))
         total_bytes = sum(os.path.getsize(f) for f in self.files)
-        self.pbar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not cfg["display_pbar"],
+        self.pbar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not cfg.display_pbar,
                          desc="Summarization" if self.pairs else "LMData")
         self.t0 = time.perf_counter()
         ok = False
         try:
             inflight: deque = deque()
-            key = (cfg["prompt_key"], cfg["completion_key"]) if self.pairs else cfg["jsonl_key"]
-            for batch in read_batches(self.files, start, key, cfg["strict"], batch_chars):
+            key = (cfg.prompt_key, cfg.completion_key) if self.pairs else cfg.jsonl_key
+            for batch in read_batches(self.files, start, key, cfg.strict, batch_chars):
                 inflight.append((batch, self.ex.submit(tokenize_pairs if self.pairs else tokenize_batch, batch.texts)))
                 if len(inflight) > 2 * processes:
                     self._pack(*inflight.popleft())
@@ -312,7 +314,7 @@ class Preprocessor:
                 self._pack(*inflight.popleft())
                 self._commit_ready(block=False)
             self._add_rows(*self.packer.finish())
-            if self.pending and cfg["write_remainder"]:
+            if self.pending and cfg.write_remainder:
                 self._submit_shard(*self._pending_rows())
             elif self.pending:
                 self.counters["rows_not_written_remainder"] += self.pending_n
@@ -367,9 +369,9 @@ class Preprocessor:
 
     def _submit_shard(self, windows, lengths, starts) -> None:
         cfg = self.cfg
-        path = os.path.join(cfg["output_dir"], shard_name(cfg, self.next_shard))
+        path = os.path.join(cfg.output_dir, shard_name(cfg, self.next_shard))
         self.writes.append((self.next_shard, self.ex.submit(write_shard, path, windows, lengths, self.pad, self.eos,
-                                                            cfg["compression"], cfg["inverted_mask"],
+                                                            cfg.compression, cfg.inverted_mask,
                                                             starts if self.pairs else None)))
         self.next_shard += 1
 
@@ -383,7 +385,7 @@ class Preprocessor:
             rows_done = (idx + 1) * self.fpr
             while len(snapshots) > 1 and snapshots[1][0] <= rows_done:
                 snapshots.popleft()
-            _atomic_json(os.path.join(self.cfg["output_dir"], CHECKPOINT), {
+            _atomic_json(os.path.join(self.cfg.output_dir, CHECKPOINT), {
                 "fingerprint": self.fingerprint, "shards_written": idx + 1, "shard_stats": dict(self.shard_stats),
                 "snapshot": snapshots[0][1], "complete": False}, indent=None)  # compact: written per shard
 
@@ -397,8 +399,8 @@ class Preprocessor:
                               time.perf_counter() - self.t0)
         if self.pairs:
             params["post-process"]["sep_id"] = self.sep_id
-        _atomic_json(os.path.join(cfg["output_dir"], "data_params.json"), params)
-        _atomic_json(os.path.join(cfg["output_dir"], CHECKPOINT), {
+        _atomic_json(os.path.join(cfg.output_dir, "data_params.json"), params)
+        _atomic_json(os.path.join(cfg.output_dir, CHECKPOINT), {
             "fingerprint": self.fingerprint, "shards_written": self.shards_written,
             "shard_stats": dict(self.shard_stats), "complete": True})
         return params
@@ -441,10 +443,10 @@ def _sep_id(tok: BatchTokenizer, sep_token: str | None, log) -> int | None:
 def _data_params(cfg, files, counters, problems, shard_stats, n_shards, eos, pad, vocab_size, seconds) -> dict:
     """data_params.json: the settings by Model Zoo section, then what the run read, dropped and wrote."""
     out: dict = {s: {} for s in ("setup", "processing", "dataset")}
-    mode = "Summarization" if cfg.get("dataset_processor") == PROCESSORS["Summarization"] else "LMData"
+    mode = mode_of(cfg)
     out["setup"]["dataset_processor"] = PROCESSORS[mode]
-    for k, (section, *_rest) in options_for(mode).items():
-        out[section][k] = cfg[k]
+    for k, setting in options_for(mode).items():
+        out[setting.section][k] = getattr(cfg, k)
     n = shard_stats.get("num_sequences", 0)
     total = shard_stats.get("num_tokens", 0)
     discarded = {k[len("discarded_"):]: v for k, v in sorted(counters.items()) if k.startswith("discarded_") and v}

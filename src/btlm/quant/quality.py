@@ -44,23 +44,17 @@ def token_batches(token_ids: list[int], seq_len: int, batch_size: int, max_batch
     return list(ids)
 
 
-_DOC_MODULES = ("argparse", "json", "collections", "subprocess", "logging", "typing", "pathlib", "decimal",
+_DOC_MODULES = ("argparse", "json", "collections", "subprocess", "logging", "typing", "pathlib",
                 "textwrap", "shutil", "tarfile", "zipfile", "csv", "threading")
 
 
 def docstring_bytes() -> list[int]:
-    """~150 kB of English technical text every Python install has (stdlib docstrings), as byte ids."""
-    import importlib
-    import inspect
+    """~150 kB of English technical text every Python install has (the docstrings of a few stdlib modules,
+    :func:`btlm.data.corpus.module_docstrings`), as byte ids."""
+    from btlm.data.corpus import module_docstrings
 
-    parts = []
-    for name in _DOC_MODULES:
-        module = importlib.import_module(name)
-        parts.append(inspect.getdoc(module) or "")
-        for _, obj in sorted(vars(module).items()):
-            if callable(obj) and getattr(obj, "__module__", None) == module.__name__ and inspect.getdoc(obj):
-                parts.append(inspect.getdoc(obj))
-    return list("\n\n".join(parts).encode())
+    wanted = set(_DOC_MODULES) | {f"{m}___init__" for m in _DOC_MODULES}  # a module, or a package's __init__
+    return list("\n\n".join(text for name, text in module_docstrings() if name in wanted and text).encode())
 
 
 def train_tiny_byte_model(steps: int = 150, seed: int = 0):

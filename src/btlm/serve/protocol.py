@@ -8,9 +8,20 @@ behaviour; fields the API does not define are refused.
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+
+def _unsupported(what: str) -> AfterValidator:
+    """A field BTLM accepts only when empty: any other value is refused, naming it (``what``)."""
+
+    def refuse(v):
+        if v:
+            raise ValueError(f"{what} is not supported")
+        return v
+
+    return AfterValidator(refuse)
 
 
 class APIError(Exception):
@@ -39,7 +50,7 @@ class _Request(BaseModel):
     seed: int | None = None
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: only 0")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: only 0")
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[dict[str, float] | None, _unsupported("logit_bias")] = None
     user: str | None = None
 
     @field_validator("stop")
@@ -48,13 +59,6 @@ class _Request(BaseModel):
         stops = [v] if isinstance(v, str) else (v or [])
         if len(stops) > 4:
             raise ValueError(f"at most 4 stop sequences, got {len(stops)}")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, v):
-        if v:
-            raise ValueError("logit_bias is not supported")
         return v
 
     def stop_list(self) -> tuple[str, ...]:
@@ -74,14 +78,7 @@ class CompletionRequest(_Request):
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=1, description="not supported: only 1")
-    suffix: str | None = None
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v):
-        if v:
-            raise ValueError("suffix (insertion) is not supported")
-        return v
+    suffix: Annotated[str | None, _unsupported("suffix (insertion)")] = None
 
 
 class ContentPart(BaseModel):

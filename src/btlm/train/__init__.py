@@ -1,7 +1,7 @@
 """Training and evaluation of Model Zoo BTLM configs with PyTorch (``btlm run``, ``btlm convert``).
 
 * :mod:`btlm.train.config` — pydantic schema of the params YAML (``load_params``, ``ConfigError``)
-* :mod:`btlm.train.modeling` — ``model:`` section → ``BTLMConfig``, Model Zoo init, the loss
+* :mod:`btlm.train.zoo_model` — ``model:`` section → ``BTLMConfig``, Model Zoo init, the loss
 * :mod:`btlm.train.optim` — param groups, cstorch AdamW, ``ScheduledLR``
 * :mod:`btlm.train.trainer` — ``Runner``: train / eval / eval_all / train_and_eval
 * :mod:`btlm.train.outputs` — ``Checkpointer`` (resume, save, prune) and ``MetricsWriter`` (TensorBoard)

@@ -130,7 +130,7 @@ def checkpoint_to_hf(checkpoint: str | Path, out_dir: str | Path, params_path: s
     from btlm.model import BTLMLMHeadModel
 
     from .config import load_params, parse_params
-    from .modeling import btlm_config_from_params
+    from .zoo_model import btlm_config_from_params
 
     check_output_dir(out_dir, overwrite)
     state = read_training_checkpoint(checkpoint, allow_unpickle)

@@ -9,7 +9,7 @@ Both take the params' model, re-create it at several widths and train each for a
   ``m = 1/k`` times its base, so its base is ``hidden_size·k`` / ``filter_size·k``, its alpha
   ``output_logits_scale / k``, and its base stds are the given stds × √m (output projections also
   × √(2L), the depth factor Model Zoo re-applies). At a new width every muP rule then follows from the
-  base (``modeling.effective_initializers``, ``config.lr_multipliers``, ``ModelConfig.logits_scale``).
+  base (``zoo_model.effective_initializers``, ``config.lr_multipliers``, ``ModelConfig.logits_scale``).
 * **SP** (standard parametrization, muP off) — the same model with every width treated as its own
   base: base-width initializer stds at every width, one learning rate for all weights, logits ×
   alpha without the 1/m, attention scores divided by √d instead of d. The embedding multiplier is a
@@ -44,7 +44,7 @@ from btlm.errors import BTLMError
 from btlm.io import atomic_path
 
 from .config import ModelConfig, OptimizerConfig, Params, lr_multipliers
-from .modeling import build_model, effective_initializers, lm_loss, scale_initializer
+from .zoo_model import build_model, effective_initializers, lm_loss, scale_initializer
 from .optim import build_optimizer
 
 #: Slope of log RMS vs log width above which a layer is reported as growing.

@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from .config import InputConfig, Params
 from .metrics import LMEvalMetrics
-from .modeling import build_model, lm_loss
+from .zoo_model import build_model, lm_loss
 from .optim import ScheduledLR, build_optimizer
 from .outputs import Checkpointer, MetricsWriter
 from btlm.errors import BTLMError

@@ -1,5 +1,7 @@
-"""Shared pieces of ``benchmarks/memory.py`` and ``benchmarks/decode.py``: the random 3B checkpoints, a
-child-process runner (so each measurement's peak RSS is its own) and the machine's memory-read bandwidth."""
+"""Shared pieces of the benchmark scripts (``memory.py``, ``decode.py``, ``train_step.py``): the random 3B
+checkpoints, a child-process runner (so each measurement's peak RSS is its own), the machine's description
+and memory-read bandwidth. Not part of the library: the scripts import it as ``_common`` (run as
+``python benchmarks/<script>.py``, this folder is first on ``sys.path``)."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def add_checkpoint_arguments(parser, default_out: Path) -> None:
 
 def ensure_checkpoints(workdir: Path, variants, preset: str = "3b") -> dict[str, Path]:
     """Random-weight checkpoints ``workdir/<preset>-<variant>`` (written once, reused by later runs)."""
-    from .synthetic import write_random_checkpoint
+    from _random_checkpoint import write_random_checkpoint
 
     return {v: write_random_checkpoint(workdir / f"{preset}-{v}", v, preset=preset) for v in variants}
 
@@ -51,7 +53,7 @@ def load_for_benchmark(path: str, variant: str, attn: str = "sdpa"):
     import btlm  # noqa: F401  (registers the model classes)
     from transformers import AutoModelForCausalLM
 
-    from . import register
+    from btlm.quant import register
 
     register()
     dtype = LOAD_DTYPE[variant]

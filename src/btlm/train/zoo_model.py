@@ -1,4 +1,5 @@
-"""Model Zoo ``model:`` section → :class:`btlm.model.BTLMConfig`, Model Zoo initialisation, and the loss.
+"""The training model of a Model Zoo ``model:`` section: its :class:`btlm.model.BTLMConfig`, the Model Zoo
+initialisation, and the loss (the model itself is :mod:`btlm.model.model`).
 
 Name mapping (that of the Cerebras HF↔CS checkpoint converter): ``hidden_size→n_embd``,
 ``num_hidden_layers→n_layer``, ``num_heads→n_head``, ``filter_size→n_inner``,

@@ -1,4 +1,5 @@
-"""Random-weight BTLM checkpoints of the released 3B shape for memory and speed benchmarks.
+"""Random-weight BTLM checkpoints of the released 3B shape for the memory and speed benchmarks (not part of
+the library; imported by ``_common.ensure_checkpoints``).
 
 Writing a 3B checkpoint naively (``BTLMLMHeadModel(config)`` in fp32, then quantise) needs >10 GB of RAM.
 Here the model is never materialised: each block is built on the ``meta`` device, filled with random
@@ -17,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .config import BTLMQuantConfig
-from .modules import Int4Conv1D, Int8Conv1D, Int8Embedding
+from btlm.quant.config import BTLMQuantConfig
+from btlm.quant.modules import Int4Conv1D, Int8Conv1D, Int8Embedding
 from transformers.pytorch_utils import Conv1D
 
 #: variant name → (weights dtype or bits)
@@ -45,7 +46,7 @@ def _random_block(config, index: int, dtype: torch.dtype, gen: torch.Generator):
 
 def _quantise_block(block, bits: int, group_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """State dict of ``block`` with its linears quantised and LayerNorms / biases cast to ``dtype``."""
-    from .quantize import _set_module, cast_unquantized
+    from btlm.quant.quantize import _set_module, cast_unquantized
 
     for name, conv in [(n, m) for n, m in block.named_modules() if isinstance(m, Conv1D)]:
         _set_module(block, name, Int4Conv1D.from_conv1d(conv, group_size) if bits == 4 else Int8Conv1D.from_conv1d(conv))
