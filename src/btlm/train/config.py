@@ -20,6 +20,7 @@ import yaml
 from btlm.data.loader_config import LoaderConfig
 from btlm.errors import BTLMError
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -31,6 +32,8 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+
+from .lora import LoraGroup, as_group_list, check_groups
 
 logger = logging.getLogger("btlm.train")
 
@@ -358,6 +361,8 @@ class ModelConfig(_Section):
     pos_scaling_factor: Annotated[float, Field(ge=1.0)] = 1.0
     attention_softmax_fp32: bool = True
     compute_eval_metrics: bool = True
+    #: Model Zoo >= 2.2: LoRA adapters (one mapping or a list); see :mod:`btlm.train.lora`.
+    lora_params: Annotated[list[LoraGroup] | None, BeforeValidator(as_group_list), AfterValidator(check_groups)] = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -377,10 +382,6 @@ class ModelConfig(_Section):
         if self.attention_logits_alpha != 1.0:
             raise ValueError("attention_logits_alpha other than 1.0 is not supported: the released BTLM layout "
                              "has no attention-logit multiplier, so such a model could not be exported")
-        if getattr(self, "lora_params", None):
-            # Refused rather than ignored: ignoring it would silently train every weight of the model.
-            raise ValueError("lora_params: LoRA is not supported by btlm run yet; fine-tune with peft + "
-                             "transformers.Trainer instead (docs/finetune.md)")
         return self
 
     @property

@@ -189,6 +189,14 @@ def save_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     barrier(env)
 
 
+def sharded_keys(path: Path) -> list[str]:
+    """The model state keys of a ``.dcp`` directory (from its ``.metadata``, a pickle: trusted dirs only)."""
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return [k.removeprefix("model.") for k in keys if k.startswith("model.")]
+
+
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, strict: bool = True) -> dict:
     """Load a ``.dcp`` checkpoint directory into the (possibly sharded) model / optimizer; returns extra."""
     import torch.distributed.checkpoint as dcp

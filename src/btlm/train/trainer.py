@@ -201,6 +201,10 @@ class Runner:
 
     def _build_model(self):
         model = build_model(self.params.model, self.params.optimizer, seed=self.rc.seed)
+        if self.params.model.lora_params:
+            from .lora import apply_lora
+
+            apply_lora(model, self.params.model.lora_params)  # base weights come from the checkpoint loaded next
         model.config._attn_implementation = self.rc.attn_implementation
         model.to(self.env.device)
         if self.rc.activation_checkpointing:
