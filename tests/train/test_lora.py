@@ -116,6 +116,9 @@ def test_adapter_ranks_alphas_and_the_model_zoo_order_rule(lora_raw):
     (["proj_output_dense_layer"], {"attn.c_proj"}),
     (["c_proj"], {"attn.c_proj", "mlp.c_proj"}),
     (["attn", "c_proj"], {"attn.c_proj"}),
+    (["c_attn", "c_proj"], {"attn.c_attn", "attn.c_proj", "mlp.c_proj"}),  # projection names: alternatives
+    (["proj_q_dense_layer", "proj_k_dense_layer", "proj_v_dense_layer"], {"attn.c_attn"}),
+    (["TransformerDecoderLayer", "c_fc", "c_fc2"], {"mlp.c_fc", "mlp.c_fc2"}),
     (["BTLMMLP", "Conv1D"], {"mlp.c_fc", "mlp.c_fc2", "mlp.c_proj"}),
     (None, {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_fc2", "mlp.c_proj"}),
 ])

@@ -5,9 +5,12 @@
 * ``r`` (rank; Model Zoo's default 0 adapts nothing, so btlm requires a positive rank), ``alpha``
   (default 1; the update is scaled by ``alpha / r``), ``dropout`` (default 0.0, applied to the adapter's
   input), ``merge_weights`` (default False) and ``fan_in_fan_out`` (default False).
-* ``target_modules``: names that must *all* appear on a module's path for it to be adapted, Model Zoo's rule
-  (there the names are the classes of the module and its ancestors, e.g. ``[MultiheadAttention]`` or
-  ``[TransformerDecoderLayer, Linear]``). Missing or null: every decoder projection. With a list of
+* ``target_modules``: names that must *all* apply to a module for it to be adapted, Model Zoo's rule (there
+  the names are the classes of the module and its ancestors, e.g. ``[MultiheadAttention]`` or
+  ``[TransformerDecoderLayer, Linear]``); projection names (``c_attn``, ``c_proj``, ``c_fc``, ``c_fc2`` and
+  Model Zoo's ``proj_*_dense_layer``) are alternatives to each other, as in peft: ``[c_attn, c_proj]`` adapts
+  both, ``[attn, c_proj]`` the attention output only. (A module has one projection name, so no Model Zoo
+  config changes meaning.) Missing or null: every decoder projection. With a list of
   mappings, each projection takes the first mapping that selects it (Model Zoo's order rule, so
   ``[{target_modules: [MultiheadAttention], r: 16}, {r: 4}]`` gives the attention rank 16 and the FFN rank 4).
 
@@ -65,6 +68,8 @@ MODEL_ZOO_ATTENTION = {"proj_q_dense_layer": "c_attn", "proj_k_dense_layer": "c_
                        "proj_v_dense_layer": "c_attn", "proj_output_dense_layer": "c_proj"}
 FUSED_QKV = frozenset(n for n, b in MODEL_ZOO_ATTENTION.items() if b == "c_attn")
 
+#: Names of one projection each: alternatives within a ``target_modules`` list.
+PROJECTION_NAMES = frozenset({*ADAPTABLE, *MODEL_ZOO_ATTENTION})
 #: Every name a decoder projection answers to (the valid ``target_modules`` entries).
 VALID_NAMES = frozenset(
     {"transformer", "h", "attn", "mlp", *ADAPTABLE, "BTLMModel", *MODEL_ZOO_CLASSES, *MODEL_ZOO_ATTENTION}
@@ -161,8 +166,17 @@ def decoder_projections(model) -> list[str]:
             if name.startswith("transformer.h.") and name.rsplit(".", 1)[-1] in ADAPTABLE]
 
 
+def selects(targets: list[str] | None, names: set[str]) -> bool:
+    """Whether ``target_modules`` select a module answering to ``names``: every scope name applies and, when
+    projection names are given, one of them does."""
+    if targets is None:
+        return True
+    projections = PROJECTION_NAMES.intersection(targets)
+    return set(targets) - projections <= names and (not projections or bool(projections & names))
+
+
 def assign_groups(model, groups: list[LoraGroup]) -> dict[str, LoraGroup]:
-    """Each adapted projection's group: the first whose ``target_modules`` all name it (Model Zoo's rule).
+    """Each adapted projection's group: the first whose ``target_modules`` select it (Model Zoo's order rule).
 
     A group that adapts nothing (its names select nothing, or only what earlier groups took) is an error.
     """
@@ -171,7 +185,7 @@ def assign_groups(model, groups: list[LoraGroup]) -> dict[str, LoraGroup]:
     for path in decoder_projections(model):
         names = module_names(model, path)
         for i, group in enumerate(groups):
-            if group.target_modules is None or set(group.target_modules) <= names:
+            if selects(group.target_modules, names):
                 chosen[path] = group
                 counts[i] += 1
                 break
@@ -179,7 +193,8 @@ def assign_groups(model, groups: list[LoraGroup]) -> dict[str, LoraGroup]:
         if not n:
             where = f"lora_params[{i}]" if len(groups) > 1 else "lora_params"
             raise BTLMError(f"{where}: target_modules {groups[i].target_modules} select no decoder projection"
-                            + (" not already taken by an earlier entry" if i else ""))
+                            + (" not already taken by an earlier entry" if i else "")
+                            + " (all names must apply to a module, except that projection names are alternatives)")
     if any(set(g.target_modules or ()) & FUSED_QKV for g in groups):
         logger.info("lora_params: q, k and v are one fused c_attn projection in btlm; its adapter adapts all three")
     return chosen
