@@ -58,7 +58,7 @@ def run(raw, model_dir, mode="train", **rc):
     raw = copy.deepcopy(raw)
     raw["runconfig"].update(rc)
     runner = Runner(parse_params(raw), raw, model_dir)
-    return runner.train() if mode == "train" else runner.evaluate()
+    return {"train": runner.train, "eval": runner.evaluate, "train_and_eval": runner.train_and_eval}[mode]()
 
 
 @pytest.fixture
@@ -77,10 +77,11 @@ def base_key(key: str) -> str:
 def test_lora_run_lowers_held_out_completion_loss_and_keeps_the_base_bit_identical(lora_raw, base_ckpt, tmp_path):
     start = dict(checkpoint_path=str(base_ckpt), load_checkpoint_states="model")
     before = run(lora_raw, tmp_path / "before", mode="eval", **start)["loss"]  # adapters at init: B = 0
-    res = run(lora_raw, tmp_path / "lora", max_steps=20, checkpoint_steps=0, **start)
+    res = run(lora_raw, tmp_path / "lora", mode="train_and_eval", max_steps=20, checkpoint_steps=0, **start)
     assert sorted(res["losses"]) == list(range(1, 21))  # from step 0: the base's own step / schedule do not apply
     after = run(lora_raw, tmp_path / "lora", mode="eval")["loss"]  # the newest checkpoint in model_dir
     assert after < 0.6 * before, (before, after)
+    assert res["evals"][20]["loss"] == after  # train_and_eval's final eval: the trained model, not the start
 
     state = ckpt.load_checkpoint_file(tmp_path / "lora" / "checkpoint_20.mdl")
     base = ckpt.load_checkpoint_file(base_ckpt)["model"]

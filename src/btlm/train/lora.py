@@ -229,13 +229,14 @@ def apply_lora(model, groups: list[LoraGroup]):
     """Inject the adapters into ``model`` (in place) and freeze everything else; returns ``model``."""
     peft = require_peft()
     config = peft_config(model, groups)
+    n_modules = len(config.target_modules)  # peft may shorten the list to name suffixes when injecting
     peft.inject_adapter_in_model(config, model)
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter_key(name))
     n_adapter = sum(p.numel() for n, p in model.named_parameters() if is_adapter_key(n))
     n_all = sum(p.numel() for p in model.parameters())
     logger.info("LoRA: %d projections adapted (r=%s), %d trainable parameters of %d (%.3f%%)",
-                len(config.target_modules), "/".join(str(r) for r in sorted({g.r for g in groups})), n_adapter,
+                n_modules, "/".join(str(r) for r in sorted({g.r for g in groups})), n_adapter,
                 n_all, 100 * n_adapter / max(n_all, 1))
     return model
 

@@ -511,7 +511,8 @@ class Runner:
             if eval_metrics is not None:
                 eval_metrics.close()
         if result["global_step"] not in evals:
-            evals[result["global_step"]] = self.evaluate()
+            # the checkpoint just trained, not --checkpoint_path (the start of a fine-tune)
+            evals[result["global_step"]] = self.evaluate(checkpoint_path=result["checkpoint"])
         result["evals"] = evals
         return result
 
