@@ -248,3 +248,27 @@ def test_lora_configs_parse(name):
     if model is not None:
         assert assign_groups(model, groups)
     assert yaml.safe_load((CONFIGS / name).read_text())["model"]["lora_params"]
+
+
+def test_a_sharded_dcp_checkpoint_is_a_base_too(lora_raw, base_ckpt, tmp_path):
+    """An FSDP2 full run's checkpoint_<step>.dcp directory gives the same start as the .mdl of the same weights."""
+    from btlm.train import distributed as D
+    from btlm.train.optim import build_optimizer
+
+    raw = copy.deepcopy(lora_raw)
+    del raw["model"]["lora_params"]
+    params = parse_params(raw)
+    model = build_model(params.model, params.optimizer)
+    model.load_state_dict(ckpt.load_checkpoint_file(base_ckpt)["model"], strict=False)
+    D.save_sharded(tmp_path / "checkpoint_0.dcp", model, build_optimizer(model, params.optimizer), {"global_step": 0},
+                   D.DistEnv())
+    start = dict(max_steps=2, checkpoint_steps=0, load_checkpoint_states="model")
+    from_mdl = run(lora_raw, tmp_path / "a", checkpoint_path=str(base_ckpt), **start)
+    with pytest.raises(ckpt.CheckpointError, match="--allow_unpickle"):
+        run(lora_raw, tmp_path / "b", checkpoint_path=str(tmp_path / "checkpoint_0.dcp"), **start)
+    from_dcp = run(lora_raw, tmp_path / "b", checkpoint_path=str(tmp_path / "checkpoint_0.dcp"), allow_unpickle=True,
+                   **start)
+    assert from_dcp["losses"] == from_mdl["losses"]
+    a = ckpt.load_checkpoint_file(tmp_path / "a" / "checkpoint_2.mdl")["model"]
+    b = ckpt.load_checkpoint_file(tmp_path / "b" / "checkpoint_2.mdl")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -197,6 +197,21 @@ def sharded_keys(path: Path) -> list[str]:
     return [k.removeprefix("model.") for k in keys if k.startswith("model.")]
 
 
+def load_sharded_renamed(path: Path, model: nn.Module, checkpoint_key) -> list[str]:
+    """Load the model weights of a ``.dcp`` directory whose keys differ from the model's:
+    ``checkpoint_key(fqn)`` is the checkpoint's key of each model key, or None for a key it lacks (left as
+    is). Returns the model keys left as they were."""
+    import torch.distributed.checkpoint as dcp
+
+    own = get_model_state_dict(model)
+    names = {fqn: checkpoint_key(fqn) for fqn in own}
+    template = {name: own[fqn] for fqn, name in names.items() if name is not None}
+    dcp.load({"model": template}, checkpoint_id=str(path))
+    set_model_state_dict(model, {fqn: template[name] for fqn, name in names.items() if name is not None},
+                         options=StateDictOptions(strict=False))
+    return [fqn for fqn, name in names.items() if name is None]
+
+
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, strict: bool = True) -> dict:
     """Load a ``.dcp`` checkpoint directory into the (possibly sharded) model / optimizer; returns extra."""
     import torch.distributed.checkpoint as dcp

@@ -246,8 +246,10 @@ def is_adapter_key(key: str) -> bool:
     return ".lora_A." in key or ".lora_B." in key
 
 
-def has_adapters(model) -> bool:
-    return any(is_adapter_key(name) for name, _ in model.named_parameters())
+def base_key(key: str) -> str | None:
+    """The plain-layout name of a LoRA model's state key (``...c_attn.base_layer.weight`` →
+    ``...c_attn.weight``), None for an adapter's."""
+    return None if is_adapter_key(key) else key.replace(".base_layer.", ".")
 
 
 def base_state_to_lora(model, state: dict) -> dict:

@@ -57,8 +57,8 @@ class Checkpointer:
         lora = any(is_adapter_key(n) for n, _ in D.unwrap(model).named_parameters())
         if path.is_dir():
             if lora and not any(is_adapter_key(k) for k in D.sharded_keys(path)):
-                raise ckpt.CheckpointError(f"{path}: a LoRA run starts from a .mdl checkpoint of the base model "
-                                           "(btlm convert to-hf, then btlm convert from-hf), not a .dcp directory")
+                self._read_lora_base(path, model)
+                return {}
             return D.load_sharded(path, model, optimizer, strict=strict)
         state = ckpt.load_checkpoint_file(path)
         if "model" not in state:
@@ -83,12 +83,19 @@ class Checkpointer:
             D.load_full_optimizer_state(model, optimizer, state["optimizer"])
         return state
 
-    def _read_lora_base(self, path: Path, model, base_state: dict) -> None:
-        """The weights of a checkpoint without adapters as the base of a LoRA model (adapters untouched)."""
-        from .lora import base_state_to_lora, is_adapter_key
+    def _read_lora_base(self, path: Path, model, base_state: dict | None = None) -> None:
+        """The weights of a checkpoint without adapters (``base_state`` of a ``.mdl`` file, else the ``.dcp``
+        directory ``path``) as the base of a LoRA model; the adapters stay as initialised."""
+        from .lora import base_key, base_state_to_lora, is_adapter_key
 
         logger.info("LoRA: base weights from %s (its optimizer, step and data position do not apply); "
                     "adapters freshly initialised", path)
+        if base_state is None:
+            try:
+                D.load_sharded_renamed(path, model, base_key)
+            except Exception as err:  # noqa: BLE001 - dcp names the missing keys; re-raised with the path
+                raise ckpt.CheckpointError(f"{path}: base weights do not fit this model config ({err})") from None
+            return
         state = base_state_to_lora(D.unwrap(model), base_state)
         missing, unexpected = D.load_full_model_state(model, state, strict=False)
         missing = [k for k in missing if not is_adapter_key(k)]
