@@ -21,7 +21,7 @@ from btlm.train.lora import LoraGroup, apply_lora, assign_groups, require_peft
 from btlm.train.modeling import build_model
 from btlm.train.trainer import Runner
 
-from .conftest import CONFIGS
+from .conftest import CONFIGS, TINY
 
 COMPLETION = [5, 17, 33, 2, 71, 40, 11, 60, 8]  # the same answer after every prompt: a task an adapter can learn
 LORA = [{"r": 4, "alpha": 8, "target_modules": ["MultiheadAttention"]}, {"r": 2, "alpha": 4}]
@@ -272,3 +272,14 @@ def test_a_sharded_dcp_checkpoint_is_a_base_too(lora_raw, base_ckpt, tmp_path):
     a = ckpt.load_checkpoint_file(tmp_path / "a" / "checkpoint_2.mdl")["model"]
     b = ckpt.load_checkpoint_file(tmp_path / "b" / "checkpoint_2.mdl")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_model_zoo_2_4_trainer_yaml_spells_lora_as_a_callback(tmp_path):
+    trainer = {"trainer": {"init": {
+        "model": {"name": "btlm", **{k: v for k, v in copy.deepcopy(TINY["model"]).items()}},
+        "callbacks": [{"Lora": {"lora_params": {"r": 4, "alpha": 8, "target_modules": ["MultiheadAttention"]}}},
+                      {"ComputeNorm": {}}]}}}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(trainer))
+    params, raw = load_params(tmp_path / "t.yaml")
+    assert params.model.lora_params == [LoraGroup(r=4, alpha=8, target_modules=["MultiheadAttention"])]
+    assert raw["model"]["lora_params"]["r"] == 4  # the run's stored params keep it (convert reads them)

@@ -658,7 +658,8 @@ def trainer_to_params(raw: dict, log: logging.Logger = logger) -> dict:
     ``optimizer`` with ``optimizer_type``; ``init.schedulers: [SequentialLR: {schedulers: [LinearLR…]}]``
     → ``optimizer.learning_rate`` (a list of stages); ``init.precision`` → ``model.mixed_precision`` /
     ``fp16_type`` and the optimizer's loss-scaling / clipping keys; ``init.loop`` and ``init.checkpoint``
-    → ``runconfig`` (``steps`` → ``checkpoint_steps``); ``init.seed`` and ``init.logging.log_steps`` →
+    → ``runconfig`` (``steps`` → ``checkpoint_steps``); the ``Lora`` callback's ``lora_params`` →
+    ``model.lora_params``; ``init.seed`` and ``init.logging.log_steps`` →
     ``runconfig``; ``fit.train_dataloader`` / ``fit.val_dataloader`` (else ``validate.val_dataloader``)
     → ``train_input`` / ``eval_input``. ``init.backend`` and the Cerebras-only callbacks are ignored
     (one log line); any other key raises ``ValueError`` naming it.
@@ -719,6 +720,12 @@ def trainer_to_params(raw: dict, log: logging.Logger = logger) -> dict:
         ignored.append("backend")
     for i, cb in enumerate(init.pop("callbacks", None) or []):
         cb_name = next(iter(cb)) if isinstance(cb, dict) and len(cb) == 1 else cb
+        if cb_name == "Lora":  # Model Zoo >= 2.4 spells model.lora_params as this callback
+            lora_args = cb["Lora"] or {}
+            if set(lora_args) != {"lora_params"}:
+                raise ValueError(f"trainer.init.callbacks[{i}].Lora: expected only 'lora_params'")
+            out["model"]["lora_params"] = lora_args["lora_params"]
+            continue
         if cb_name not in _IGNORED_CALLBACKS:
             raise ValueError(f"trainer.init.callbacks[{i}]: callback {cb_name!r} is not supported")
         ignored.append(f"callbacks.{cb_name}")
