@@ -197,10 +197,10 @@ def sharded_keys(path: Path) -> list[str]:
     return [k.removeprefix("model.") for k in keys if k.startswith("model.")]
 
 
-def load_sharded_renamed(path: Path, model: nn.Module, checkpoint_key) -> list[str]:
+def load_sharded_renamed(path: Path, model: nn.Module, checkpoint_key) -> None:
     """Load the model weights of a ``.dcp`` directory whose keys differ from the model's:
     ``checkpoint_key(fqn)`` is the checkpoint's key of each model key, or None for a key it lacks (left as
-    is). Returns the model keys left as they were."""
+    it is)."""
     import torch.distributed.checkpoint as dcp
 
     own = get_model_state_dict(model)
@@ -209,7 +209,6 @@ def load_sharded_renamed(path: Path, model: nn.Module, checkpoint_key) -> list[s
     dcp.load({"model": template}, checkpoint_id=str(path))
     set_model_state_dict(model, {fqn: template[name] for fqn, name in names.items() if name is not None},
                          options=StateDictOptions(strict=False))
-    return [fqn for fqn, name in names.items() if name is None]
 
 
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, strict: bool = True) -> dict:
