@@ -102,9 +102,13 @@ def main() -> int:
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     full = results[0]
     name = f"{Path(a.params).name}" + (f", {a.layers} layers" if a.layers else "")
-    dev = torch.cuda.get_device_name() if a.device == "GPU" else "cpu"
-    lines = [f"## `btlm run` step: LoRA (`model.lora_params`) vs full fine-tune, {name}, batch {a.batch} × {a.seq} "
+    dev = torch.cuda.get_device_name() if a.device == "GPU" else f"cpu ({torch.backends.cpu.get_cpu_capability()})"
+    lines = [f"# `btlm run` step: LoRA (`model.lora_params`) vs full fine-tune, {name}, batch {a.batch} × {a.seq} "
              f"tokens, {dev}", "",
+             "The trainer's own optimizer step (forward under the run's autocast, Model Zoo loss, backward, clipping, "
+             "btlm's AdamW) of the same params with and without `lora_params`, each variant in a fresh process on the "
+             f"same synthetic rows; median of {a.steps} steps after {a.warmup} untimed. Peak memory: "
+             + ("allocated GPU memory." if a.device == "GPU" else "RSS of the process."), "",
              f"Command: `python benchmarks/lora_run.py {' '.join(sys.argv[1:])}`", "",
              "| variant | step s | vs full | peak MiB | vs full | trainable parameters | optimizer state MiB | autocast |",
              "|---|---|---|---|---|---|---|---|"]
