@@ -283,3 +283,18 @@ def test_model_zoo_2_4_trainer_yaml_spells_lora_as_a_callback(tmp_path):
     params, raw = load_params(tmp_path / "t.yaml")
     assert params.model.lora_params == [LoraGroup(r=4, alpha=8, target_modules=["MultiheadAttention"])]
     assert raw["model"]["lora_params"]["r"] == 4  # the run's stored params keep it (convert reads them)
+
+
+def test_mfu_counts_no_weight_gradients_for_the_frozen_base(lora_raw):
+    from btlm.train.trainer import flops_per_token
+
+    raw = copy.deepcopy(lora_raw)
+    params = parse_params(raw)
+    full = build_model(params.model, params.optimizer)
+    lora = apply_lora(build_model(params.model, params.optimizer), params.model.lora_params)
+    cfg = full.config
+    matrices = sum(p.numel() for n, p in full.named_parameters() if ".h." in n and p.dim() == 2)
+    attention = 6.0 * cfg.n_layer * 16 * cfg.n_embd
+    assert flops_per_token(full, 16) == 6.0 * (matrices + cfg.vocab_size * cfg.n_embd) + attention
+    adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert flops_per_token(lora, 16) == 4.0 * (matrices + cfg.vocab_size * cfg.n_embd) + 6.0 * adapters + attention
