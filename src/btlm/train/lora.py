@@ -182,19 +182,23 @@ def assign_groups(model, groups: list[LoraGroup]) -> dict[str, LoraGroup]:
     """
     chosen: dict[str, LoraGroup] = {}
     counts = [0] * len(groups)
+    shadowed = 0  # projections that a later entry selects too
     for path in decoder_projections(model):
         names = module_names(model, path)
-        for i, group in enumerate(groups):
-            if selects(group.target_modules, names):
-                chosen[path] = group
-                counts[i] += 1
-                break
+        matching = [i for i, group in enumerate(groups) if selects(group.target_modules, names)]
+        if matching:
+            chosen[path] = groups[matching[0]]
+            counts[matching[0]] += 1
+            shadowed += len(matching) > 1
     for i, n in enumerate(counts):
         if not n:
             where = f"lora_params[{i}]" if len(groups) > 1 else "lora_params"
             raise BTLMError(f"{where}: target_modules {groups[i].target_modules} select no decoder projection"
                             + (" not already taken by an earlier entry" if i else "")
                             + " (all names must apply to a module, except that projection names are alternatives)")
+    if shadowed:
+        logger.info("lora_params: %d projection(s) selected by more than one entry take the first one's settings "
+                    "(Model Zoo's order rule)", shadowed)
     if any(set(g.target_modules or ()) & FUSED_QKV for g in groups):
         logger.info("lora_params: q, k and v are one fused c_attn projection in btlm; its adapter adapts all three")
     return chosen
