@@ -39,3 +39,39 @@ def test_finetune_recipe_runs_as_written(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "ft" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "ft" / "merged" / "model.safetensors").is_file()
     assert "Q: What is the capital of France?" in capsys.readouterr().out
+
+
+def test_btlm_run_lora_recipe_runs_as_written(tmp_path, monkeypatch, capsys):
+    """The `btlm run` route of docs/finetune.md with its config: a fresh base in place of the demo's trained one
+    and 2 training steps instead of 40."""
+    from btlm.train.checkpoint import atomic_torch_save
+    from btlm.train.config import load_params
+    from btlm.train.modeling import build_model
+
+    torch.set_num_threads(1)
+    text = (ROOT / "docs" / "finetune.md").read_text()
+    section = text[text.index("### The `btlm run` route"):]
+    bash = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    lines = [line.split("  #")[0].strip() for line in bash.splitlines()]
+    lines = [line for line in lines if line.startswith(("btlm ", "python "))]
+    assert [line.split()[1] for line in lines] == ["demo", "make_pairs.py", "data", "data", "run", "convert",
+                                                   "convert", "generate"]
+    (tmp_path / "make_pairs.py").write_text(re.search(r"```python\n(.*?)```", section, re.S).group(1))
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        if line == "btlm demo":  # the demo's trained base, replaced by a fresh one of the same config
+            params, _ = load_params(ROOT / "configs" / "params_btlm_tiny_cpu.yaml")
+            (tmp_path / "demo_out" / "model_dir").mkdir(parents=True)
+            atomic_torch_save({"model": build_model(params.model, params.optimizer, seed=1).state_dict(),
+                               "global_step": 0}, tmp_path / "demo_out" / "model_dir" / "checkpoint_200.mdl")
+        elif line.startswith("python "):
+            runpy.run_path(str(tmp_path / "make_pairs.py"), run_name="__main__")
+        else:
+            line = line.replace("checkpoint_40.mdl", "checkpoint_2.mdl")
+            argv = shlex.split(line)[1:] + (["--max_steps", "2"] if line.startswith("btlm run") else [])
+            assert btlm(argv) == 0, (line, capsys.readouterr().err[-2000:])
+    run_dir = tmp_path / "runs" / "tiny_lora"
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert (run_dir / "merged" / "model.safetensors").is_file() and (run_dir / "eval").is_dir()
+    assert "Q: What is 3 plus 4?" in capsys.readouterr().out

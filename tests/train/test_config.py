@@ -136,15 +136,6 @@ def test_unreadable_and_malformed_files(tmp_path):
         load_params(tmp_path / "new.yaml")
 
 
-def test_lora_params_are_refused_not_ignored():
-    """A Model Zoo LoRA config must not silently become a full fine-tune."""
-    raw = copy.deepcopy(TINY)
-    raw["train_input"]["data_dir"] = raw["eval_input"]["data_dir"] = "x"
-    raw["model"]["lora_params"] = {"r": 8, "alpha": 16, "target_modules": ["c_attn"]}
-    with pytest.raises(ConfigError, match=r"model: .*lora_params: LoRA is not supported by btlm run yet"):
-        parse_params(raw)
-
-
 def test_train_input_declares_the_loader_keys_once():
     """train_input / eval_input take the loader's keys and defaults from one declaration: every loader
     key is typed in the params (no 'unknown key' warning for data_subset or pin_memory), and a section

@@ -97,3 +97,51 @@ def test_torchrun_cli_launch(tiny_raw, tmp_path):
     assert "world size 2, ddp" in proc.stderr and "Training completed successfully!" in proc.stderr
     state = torch.load(tmp_path / "run" / "checkpoint_2.mdl", weights_only=True)
     assert state["global_step"] == 2 and state["dataloader"]["samples_streamed"] == 8
+
+
+def _lora_worker(rank: int, world: int, port: int, raw: dict, base: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    losses = {}
+    for strategy in ("ddp", "fsdp"):
+        env = D.init_distributed("CPU", "gloo", "env://", strategy)
+        model_dir = os.path.join(out, f"lora_{strategy}")
+        losses[strategy] = _run(raw, model_dir, env, max_steps=2, distributed_strategy=strategy, checkpoint_path=base,
+                                load_checkpoint_states="model")
+        losses[strategy].update(_run(raw, model_dir, env, max_steps=4, distributed_strategy=strategy,
+                                     allow_unpickle=strategy == "fsdp"))  # resumes from its own checkpoint
+    torch.distributed.destroy_process_group()
+    if rank == 0:
+        with open(os.path.join(out, "lora_losses.json"), "w") as f:
+            json.dump(losses, f)
+
+
+def test_lora_runs_on_two_processes_like_one(tiny_raw, tmp_path):
+    """A LoRA run (model.lora_params) under DDP and FSDP2 matches one process, resumes, and keeps the base."""
+    full = copy.deepcopy(tiny_raw)
+    _run(full, tmp_path / "base", D.DistEnv(), max_steps=1, save_initial_checkpoint=True)
+    base = str(tmp_path / "base" / "checkpoint_0.mdl")
+    lora = copy.deepcopy(tiny_raw)
+    lora["model"]["lora_params"] = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["c_attn", "c_proj"]}
+    lora["optimizer"]["learning_rate"] = 0.02
+    lora["runconfig"]["checkpoint_steps"] = 2
+    ref = _run(lora, tmp_path / "single", D.DistEnv(), max_steps=4, checkpoint_path=base,
+               load_checkpoint_states="model")
+
+    per_rank = copy.deepcopy(lora)
+    per_rank["train_input"]["batch_size"] = 2
+    mp.start_processes(_lora_worker, args=(2, _free_port(), per_rank, base, str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    got = json.loads((tmp_path / "lora_losses.json").read_text())
+    for strategy in ("ddp", "fsdp"):
+        for step in range(1, 5):
+            assert got[strategy][str(step)] == pytest.approx(ref[step], abs=2e-5), (strategy, step)
+    plain = read_training_checkpoint(tmp_path / "single" / "checkpoint_4.mdl")
+    sharded = read_training_checkpoint(tmp_path / "lora_fsdp" / "checkpoint_4.dcp", allow_unpickle=True)
+    initial = read_training_checkpoint(base)["model"]
+    for k, v in plain["model"].items():
+        torch.testing.assert_close(sharded["model"][k], v, rtol=1e-4, atol=2e-5)
+        if ".lora_" not in k:
+            assert torch.equal(sharded["model"][k], initial[k.replace(".base_layer.", ".")]), k  # frozen base
+    assert sorted(sharded["optimizer"]["state"]) == sorted(k for k in plain["model"] if ".lora_" in k)

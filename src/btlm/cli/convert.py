@@ -11,7 +11,9 @@ Convert training checkpoints to / from the released Hugging Face layout.
       checkpoint_<step>.mdl (or an FSDP2 .dcp directory, with --allow-unpickle) -> model.safetensors +
       config.json + tokenizer, loadable with AutoModelForCausalLM.from_pretrained(OUT_DIR) after import btlm;
       bos/eos ids come from the training data's data_params.json (else the tokenizer); the tokenizer bundled
-      is --tokenizer DIR or GPT-2's, and only one whose ids fit the model's vocab_size
+      is --tokenizer DIR or GPT-2's, and only one whose ids fit the model's vocab_size. A LoRA run's checkpoint
+      (model.lora_params) gives its adapter in PEFT's format (adapter_config.json + adapter_model.safetensors,
+      for PeftModel.from_pretrained on the base model), or with --merge-lora the merged model
   btlm convert from-hf MODEL_DIR OUT.mdl [--params-out model.yaml [--msl N]]
       HF weights (e.g. cerebras/btlm-3b-8k-base) -> a checkpoint to start training from with
       btlm run ... --checkpoint-path OUT.mdl --load-checkpoint-states model; --params-out writes the matching
@@ -32,6 +34,8 @@ def build_parser(name: str = "convert") -> Parser:
                        help="tokenizer directory to bundle (default: GPT-2's, when it fits the model's vocab_size)")
     to_hf.add_argument("--allow-unpickle", action="store_true",
                        help="allow a .dcp directory, whose .metadata is a pickle that can run code (only your own)")
+    to_hf.add_argument("--merge-lora", action="store_true",
+                       help="LoRA run's checkpoint: write the merged model (released layout) instead of the adapter")
     add_overwrite(to_hf)
     from_hf = sub.add_parser("from-hf", help="HF model directory -> training checkpoint",
                              description="Write HF weights as a training checkpoint (fp32).")
@@ -53,7 +57,8 @@ def execute(name: str, args) -> int:
 
     if args.command == "to-hf":
         out = checkpoint_to_hf(args.checkpoint, args.out_dir, args.params, args.tokenizer, overwrite=args.overwrite,
-                               allow_unpickle=args.allow_unpickle, log=lambda m: print(f"note: {m}", file=sys.stderr))
+                               allow_unpickle=args.allow_unpickle, log=lambda m: print(f"note: {m}", file=sys.stderr),
+                               merge_lora=args.merge_lora)
     else:
         if args.msl is not None and args.params_out is None:
             raise UsageError("--msl only sets loss_weight in --params-out; pass --params-out too")

@@ -451,6 +451,7 @@ MUP_KIND_GROUPS = {
     "output": "embedding",
     "norm": "no_decay",
     "bias": "no_decay",
+    "lora": "lora",
 }
 
 
@@ -467,11 +468,16 @@ def mup_param_kind(module_name: str, param_name: str, module: nn.Module) -> str 
     * ``attention`` / ``attention_output``: a projection weight under an ``attn`` module, ``c_proj`` the
       output; ``ffn`` / ``ffn_output``: under an ``mlp`` module (``c_fc``, ``c_fc2``) / its ``c_proj``.
     * ``output``: the ``lm_head`` weight (a parameter of its own only when not tied to the embedding).
+    * ``lora``: a peft LoRA adapter's parameter (under a ``lora_A`` / ``lora_B`` module). Adapters are not
+      width-scaled hidden matrices (one side is the rank), and Model Zoo's muP groups do not match them
+      either: they train at lr×1 with weight decay, in a group of their own.
 
     ``None``: no rule (a layer this model does not have).
     """
     if isinstance(module, AlibiPositionEmbeddingLayer):
         return "alibi_slopes"
+    if any(part.startswith("lora_") for part in module_name.split(".")):
+        return "lora"
     if not isinstance(module, (*NORM_TYPES, nn.Embedding, Conv1D, nn.Linear)):
         return None
     if param_name == "bias":
@@ -565,7 +571,7 @@ class BTLMPreTrainedModel(PreTrainedModel):
                 init.zeros_(param)
             elif kind == "norm":
                 init.ones_(param)
-            elif kind is not None:
+            elif kind not in (None, "lora"):  # adapters keep peft's init (B = 0: no change at the start)
                 init.normal_(param, mean=0.0, std=mup_init_std(self.config, kind))
 
     def get_mup_param_groups(self, lr: float, weight_decay: float = 0.0, decoupled_wd: bool = True) -> list[dict]:
@@ -579,6 +585,7 @@ class BTLMPreTrainedModel(PreTrainedModel):
         * ``no_decay``: norm weights and every bias, at ``lr`` without weight decay. The released
           method's source is not public, so whether Conv1D biases belong here or in ``hidden`` is unknown;
           we follow the Cerebras training semantics (biases: lr×1, no weight decay).
+        * ``lora``: peft LoRA adapters (the base weights are then frozen): ``lr``, ``weight_decay``.
         The ALiBi slopes are excluded (they are fixed: a frozen parameter, also after loading), and so is
         every parameter with ``requires_grad=False``. Empty groups are dropped.
         """
@@ -588,6 +595,7 @@ class BTLMPreTrainedModel(PreTrainedModel):
             "hidden": dict(params=[], lr=lr * width, weight_decay=hidden_wd),
             "embedding": dict(params=[], lr=lr, weight_decay=weight_decay),
             "no_decay": dict(params=[], lr=lr, weight_decay=0.0),
+            "lora": dict(params=[], lr=lr, weight_decay=weight_decay),
         }
         for group, param in mup_optimizer_groups(self).values():
             groups["hidden" if group in MUP_DECODER_GROUPS else group]["params"].append(param)

@@ -20,6 +20,7 @@ import yaml
 from btlm.data.loader_config import LoaderConfig
 from btlm.errors import BTLMError
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -31,6 +32,8 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+
+from .lora import LoraGroup, as_group_list, check_groups
 
 logger = logging.getLogger("btlm.train")
 
@@ -358,6 +361,8 @@ class ModelConfig(_Section):
     pos_scaling_factor: Annotated[float, Field(ge=1.0)] = 1.0
     attention_softmax_fp32: bool = True
     compute_eval_metrics: bool = True
+    #: Model Zoo >= 2.2: LoRA adapters (one mapping or a list); see :mod:`btlm.train.lora`.
+    lora_params: Annotated[list[LoraGroup] | None, BeforeValidator(as_group_list), AfterValidator(check_groups)] = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -377,10 +382,6 @@ class ModelConfig(_Section):
         if self.attention_logits_alpha != 1.0:
             raise ValueError("attention_logits_alpha other than 1.0 is not supported: the released BTLM layout "
                              "has no attention-logit multiplier, so such a model could not be exported")
-        if getattr(self, "lora_params", None):
-            # Refused rather than ignored: ignoring it would silently train every weight of the model.
-            raise ValueError("lora_params: LoRA is not supported by btlm run yet; fine-tune with peft + "
-                             "transformers.Trainer instead (docs/finetune.md)")
         return self
 
     @property
@@ -657,7 +658,8 @@ def trainer_to_params(raw: dict, log: logging.Logger = logger) -> dict:
     ``optimizer`` with ``optimizer_type``; ``init.schedulers: [SequentialLR: {schedulers: [LinearLR…]}]``
     → ``optimizer.learning_rate`` (a list of stages); ``init.precision`` → ``model.mixed_precision`` /
     ``fp16_type`` and the optimizer's loss-scaling / clipping keys; ``init.loop`` and ``init.checkpoint``
-    → ``runconfig`` (``steps`` → ``checkpoint_steps``); ``init.seed`` and ``init.logging.log_steps`` →
+    → ``runconfig`` (``steps`` → ``checkpoint_steps``); the ``Lora`` callback's ``lora_params`` →
+    ``model.lora_params``; ``init.seed`` and ``init.logging.log_steps`` →
     ``runconfig``; ``fit.train_dataloader`` / ``fit.val_dataloader`` (else ``validate.val_dataloader``)
     → ``train_input`` / ``eval_input``. ``init.backend`` and the Cerebras-only callbacks are ignored
     (one log line); any other key raises ``ValueError`` naming it.
@@ -718,6 +720,12 @@ def trainer_to_params(raw: dict, log: logging.Logger = logger) -> dict:
         ignored.append("backend")
     for i, cb in enumerate(init.pop("callbacks", None) or []):
         cb_name = next(iter(cb)) if isinstance(cb, dict) and len(cb) == 1 else cb
+        if cb_name == "Lora":  # Model Zoo >= 2.4 spells model.lora_params as this callback
+            lora_args = cb["Lora"] or {}
+            if set(lora_args) != {"lora_params"}:
+                raise ValueError(f"trainer.init.callbacks[{i}].Lora: expected only 'lora_params'")
+            out["model"]["lora_params"] = lora_args["lora_params"]
+            continue
         if cb_name not in _IGNORED_CALLBACKS:
             raise ValueError(f"trainer.init.callbacks[{i}]: callback {cb_name!r} is not supported")
         ignored.append(f"callbacks.{cb_name}")

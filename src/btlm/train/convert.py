@@ -6,6 +6,8 @@
   from the training data (``data_params.json``'s ``eos_id`` next to the ``train_input`` shards), else
   from the tokenizer; the tokenizer bundled is ``--tokenizer DIR`` or GPT-2's, and only one whose ids
   all fit the model's ``vocab_size``.
+  A LoRA run's checkpoint gives its adapter in PEFT's format (``PeftModel.from_pretrained``), or with
+  ``--merge-lora`` the merged model in the released layout.
 * ``btlm convert from-hf MODEL_DIR OUT.mdl [--params-out model.yaml [--msl N]]`` — HF weights (e.g. the
   released ``cerebras/btlm-3b-8k-base``) → a checkpoint to start training from with
   ``btlm run ... --checkpoint_path OUT.mdl --load_checkpoint_states model``; ``--params-out`` writes the
@@ -117,15 +119,24 @@ def special_token_ids(params, tokenizer, vocab_size: int) -> dict:
     return {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
 
 
+#: Files of a PEFT adapter directory (``save_pretrained``); ``--overwrite`` replaces these and nothing else.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+
+
 def checkpoint_to_hf(checkpoint: str | Path, out_dir: str | Path, params_path: str | Path | None = None,
                      tokenizer_dir: str | Path | None = None, overwrite: bool = False, allow_unpickle: bool = False,
-                     log=print) -> Path:
+                     log=print, merge_lora: bool = False) -> Path:
     """Write the model of a training checkpoint in the released HF layout (via :func:`btlm.io.save_model`).
 
     Token ids and tokenizer: see :func:`special_token_ids` and :func:`choose_tokenizer`; ``log``
     receives the one-line note when no tokenizer is bundled. ``out_dir`` must be new or empty unless
     ``overwrite`` (which replaces only model files: a run directory's checkpoints and logs stay);
-    ``allow_unpickle`` is needed for a ``.dcp`` directory."""
+    ``allow_unpickle`` is needed for a ``.dcp`` directory.
+
+    A LoRA run's checkpoint (params with ``model.lora_params``) gives its adapter in PEFT's format
+    (``adapter_config.json`` + ``adapter_model.safetensors``, for ``PeftModel.from_pretrained(base, out_dir)``
+    on the model the run started from); with ``merge_lora`` the merged model in the released layout instead
+    (each adapted weight plus ``B·A·alpha/r``)."""
     from btlm.io import check_output_dir, save_model
     from btlm.model import BTLMLMHeadModel
 
@@ -145,14 +156,31 @@ def checkpoint_to_hf(checkpoint: str | Path, out_dir: str | Path, params_path: s
     vocab_size = params.model.vocab_size
     tokenizer, note = choose_tokenizer(vocab_size, tokenizer_dir)
     ids = special_token_ids(params, tokenizer, vocab_size)
+    lora = params.model.lora_params
+    if merge_lora and not lora:
+        raise CheckpointError(f"--merge-lora: {checkpoint} is not from a LoRA run (its params have no "
+                              "model.lora_params)")
     config = btlm_config_from_params(params.model, params.optimizer, use_cache=True, **ids)
     model = BTLMLMHeadModel(config)
+    peft_model = None
+    if lora:
+        from .lora import peft_config, require_peft
+
+        peft_model = require_peft().get_peft_model(model, peft_config(model, lora))  # injects into model
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to transformer.wte.weight
     if missing or unexpected:
         raise CheckpointError(f"{checkpoint}: weights do not match the params' model: "
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
+    if peft_model is not None and not merge_lora:
+        from btlm.io import atomic_dir
+
+        with atomic_dir(out_dir, overwrite=overwrite, owned=ADAPTER_FILES) as tmp:
+            peft_model.save_pretrained(tmp)
+        return Path(out_dir).absolute()
+    if peft_model is not None:
+        model = peft_model.merge_and_unload()
     if note:
         log(note)
     return save_model(model, out_dir, tokenizer=tokenizer if tokenizer is not None else False, overwrite=overwrite)

@@ -189,6 +189,28 @@ def save_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     barrier(env)
 
 
+def sharded_keys(path: Path) -> list[str]:
+    """The model state keys of a ``.dcp`` directory (from its ``.metadata``, a pickle: trusted dirs only)."""
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return [k.removeprefix("model.") for k in keys if k.startswith("model.")]
+
+
+def load_sharded_renamed(path: Path, model: nn.Module, checkpoint_key) -> None:
+    """Load the model weights of a ``.dcp`` directory whose keys differ from the model's:
+    ``checkpoint_key(fqn)`` is the checkpoint's key of each model key, or None for a key it lacks (left as
+    it is)."""
+    import torch.distributed.checkpoint as dcp
+
+    own = get_model_state_dict(model)
+    names = {fqn: checkpoint_key(fqn) for fqn in own}
+    template = {name: own[fqn] for fqn, name in names.items() if name is not None}
+    dcp.load({"model": template}, checkpoint_id=str(path))
+    set_model_state_dict(model, {fqn: template[name] for fqn, name in names.items() if name is not None},
+                         options=StateDictOptions(strict=False))
+
+
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, strict: bool = True) -> dict:
     """Load a ``.dcp`` checkpoint directory into the (possibly sharded) model / optimizer; returns extra."""
     import torch.distributed.checkpoint as dcp

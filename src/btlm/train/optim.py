@@ -7,6 +7,8 @@
   decoder groups (attention, FFN input, FFN output; ``config.lr_multipliers``). When the three
   multipliers are equal they form the one ``decoder_kernel`` group of the older spelling, so both
   spellings of the same muP config give the same groups. The frozen ALiBi slopes are never optimised.
+  LoRA adapters (``model.lora_params``; the base weights are then frozen) form a ``lora`` group at lr×1
+  with weight decay: they are no width-scaled hidden matrices, and Model Zoo's muP groups skip them too.
 * :class:`AdamW` follows cstorch / HF-AdamW: eps is added to ``sqrt(v)`` *before* the bias correction,
   ``correct_bias`` can switch the correction off, and the decay is decoupled and scaled by the group lr.
 * Optimizer state never depends on when checkpoints are written: :func:`init_optimizer_state`
@@ -36,7 +38,8 @@ def build_param_groups(model: nn.Module, cfg: OptimizerConfig, model_cfg: ModelC
 
     Which parameter goes in which group is the model's muP rule (``btlm.model.mup_optimizer_groups``,
     also behind ``get_mup_param_groups``): the three decoder weight-matrix groups, ``embedding`` (token
-    and position embeddings, an untied LM head), ``no_decay`` (biases and norm layers); ALiBi slopes and
+    and position embeddings, an untied LM head), ``no_decay`` (biases and norm layers), ``lora`` (LoRA
+    adapters); ALiBi slopes and
     frozen parameters are left out, tied parameters appear once. ``model_cfg`` supplies the muP base sizes
     of the 2.3+ spelling (without it only ``adjust_learning_rate`` counts). The decoder groups are merged
     into ``decoder_kernel`` when their multipliers are equal (always so in the 2.0-2.2 spelling).
@@ -47,6 +50,7 @@ def build_param_groups(model: nn.Module, cfg: OptimizerConfig, model_cfg: ModelC
     groups = {name: {"weight_decay": cfg.weight_decay, "adjust_learning_rate": m} for name, m in decoder.items()}
     groups["embedding"] = {"weight_decay": cfg.weight_decay, "adjust_learning_rate": mults["embedding"]}
     groups["no_decay"] = {"weight_decay": 0.0, "adjust_learning_rate": 1.0}
+    groups["lora"] = {"weight_decay": cfg.weight_decay, "adjust_learning_rate": 1.0}
     members: dict[str, list] = {k: [] for k in groups}
     for group, param in mup_optimizer_groups(model).values():
         members["decoder_kernel" if merged and group in DECODER_LR_GROUPS else group].append(param)

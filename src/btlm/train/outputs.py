@@ -46,9 +46,19 @@ class Checkpointer:
                 "pass --allow_unpickle to load it (only if you wrote it), or --checkpoint_path a .mdl checkpoint")
 
     def read(self, path: Path, model, optimizer) -> dict:
-        """Load model (+ optimizer for train) from ``path``; returns the remaining states."""
+        """Load model (+ optimizer for train) from ``path``; returns the remaining states.
+
+        A LoRA run (adapters in ``model``) started from a checkpoint without adapters takes only its weights,
+        as the frozen base, and keeps its fresh adapters; nothing else of that checkpoint applies (it returns
+        no states: step 0, fresh optimizer, data from the start)."""
+        from .lora import is_adapter_key
+
         strict = not self.rc.disable_strict_checkpoint_loading
+        lora = any(is_adapter_key(n) for n, _ in D.unwrap(model).named_parameters())
         if path.is_dir():
+            if lora and not any(is_adapter_key(k) for k in D.sharded_keys(path)):
+                self._read_lora_base(path, model)
+                return {}
             return D.load_sharded(path, model, optimizer, strict=strict)
         state = ckpt.load_checkpoint_file(path)
         if "model" not in state:
@@ -58,6 +68,12 @@ class Checkpointer:
             raise ckpt.CheckpointError(f"{path}: model keys start with 'model.' (a Cerebras CS-format checkpoint); "
                                        "convert it to the HF layout with the Model Zoo's convert_checkpoint.py, then "
                                        "`btlm convert from-hf`")
+        if any(is_adapter_key(k) for k in model_state) and not lora:
+            raise ckpt.CheckpointError(f"{path} holds LoRA adapters but the params have no model.lora_params: add the "
+                                       "run's lora_params, or write a merged model with btlm convert to-hf --merge-lora")
+        if lora and not any(is_adapter_key(k) for k in model_state):
+            self._read_lora_base(path, model, model_state)
+            return {}
         try:
             D.load_full_model_state(model, model_state, strict=strict)
         except RuntimeError as err:
@@ -66,6 +82,26 @@ class Checkpointer:
         if optimizer is not None and "optimizer" in state:
             D.load_full_optimizer_state(model, optimizer, state["optimizer"])
         return state
+
+    def _read_lora_base(self, path: Path, model, base_state: dict | None = None) -> None:
+        """The weights of a checkpoint without adapters (``base_state`` of a ``.mdl`` file, else the ``.dcp``
+        directory ``path``) as the base of a LoRA model; the adapters stay as initialised."""
+        from .lora import base_key, base_state_to_lora, is_adapter_key
+
+        logger.info("LoRA: base weights from %s (its optimizer, step and data position do not apply); "
+                    "adapters freshly initialised", path)
+        if base_state is None:
+            try:
+                D.load_sharded_renamed(path, model, base_key)
+            except Exception as err:  # noqa: BLE001 - dcp names the missing keys; re-raised with the path
+                raise ckpt.CheckpointError(f"{path}: base weights do not fit this model config ({err})") from None
+            return
+        state = base_state_to_lora(D.unwrap(model), base_state)
+        missing, unexpected = D.load_full_model_state(model, state, strict=False)
+        missing = [k for k in missing if not is_adapter_key(k)]
+        if (missing or unexpected) and not self.rc.disable_strict_checkpoint_loading:
+            raise ckpt.CheckpointError(f"{path}: base weights do not fit this model config: missing {missing[:5]}, "
+                                       f"unexpected {unexpected[:5]}")
 
     def save(self, step: int, model, optimizer, scheduler, loader, scaler) -> Path:
         """Write ``checkpoint_<step>`` (every rank takes part), then prune to ``max_checkpoints``."""

@@ -80,12 +80,18 @@ def make_grad_scaler(opt, device_type: str) -> torch.amp.GradScaler:
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Model FLOPs per trained token: ``6·N + 6·L·T·d`` (N = matmul parameters incl. the LM head;
-    the second term is causal attention's QKᵀ and AV, fwd + bwd). Recomputation under activation
-    checkpointing is not counted (it is *model* FLOPs utilisation)."""
+    the second term is causal attention's QKᵀ and AV, fwd + bwd). A frozen matrix (a LoRA run's base)
+    counts 4 per parameter instead of 6: its backward computes no weight gradient. Recomputation under
+    activation checkpointing is not counted (it is *model* FLOPs utilisation)."""
     cfg = model.config
-    n_matmul = sum(p.numel() for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2)
-    n_matmul += cfg.vocab_size * cfg.n_embd
-    return 6.0 * n_matmul + 6.0 * cfg.n_layer * seq_len * cfg.n_embd
+
+    def cost(p) -> float:
+        return 6.0 if p.requires_grad else 4.0
+
+    flops = sum(cost(p) * p.numel() for n, p in model.named_parameters()
+                if n.startswith("transformer.h.") and p.dim() == 2)
+    flops += cost(model.get_output_embeddings().weight) * cfg.vocab_size * cfg.n_embd
+    return flops + 6.0 * cfg.n_layer * seq_len * cfg.n_embd
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048) -> float:
@@ -201,6 +207,10 @@ class Runner:
 
     def _build_model(self):
         model = build_model(self.params.model, self.params.optimizer, seed=self.rc.seed)
+        if self.params.model.lora_params:
+            from .lora import apply_lora
+
+            apply_lora(model, self.params.model.lora_params)  # base weights come from the checkpoint loaded next
         model.config._attn_implementation = self.rc.attn_implementation
         model.to(self.env.device)
         if self.rc.activation_checkpointing:
@@ -507,7 +517,8 @@ class Runner:
             if eval_metrics is not None:
                 eval_metrics.close()
         if result["global_step"] not in evals:
-            evals[result["global_step"]] = self.evaluate()
+            # the checkpoint just trained, not --checkpoint_path (the start of a fine-tune)
+            evals[result["global_step"]] = self.evaluate(checkpoint_path=result["checkpoint"])
         result["evals"] = evals
         return result
 
