@@ -105,3 +105,13 @@ def write_result(path: Path, lines: list[str]) -> None:
 
     atomic_write(path, "\n".join(lines))
     print("\n".join(lines))
+
+
+def lora_vs_full_rows(rows: list[dict], extra: tuple[str, ...] = ()) -> list[str]:
+    """Markdown table rows comparing fine-tuning variants with the first one (the full fine-tune): step seconds
+    and peak memory, each with its ratio to the first, trainable parameters, optimizer state MiB, then the
+    ``extra`` fields as they are."""
+    full = rows[0]
+    return [f"| {r['variant']} | {r['step_s']:.3f} | {r['step_s'] / full['step_s']:.2f}× | {r['peak_mib']:.0f} | "
+            f"{r['peak_mib'] / full['peak_mib']:.2f}× | {r['trainable']:,} of {r['total']:,} | "
+            f"{r['optimizer_state_mib']:.1f} |" + "".join(f" {r[k]} |" for k in extra) for r in rows]

@@ -21,6 +21,7 @@ import sys
 import time
 
 import torch
+from _common import lora_vs_full_rows  # the scripts' folder is on sys.path
 
 
 def one(variant: str, preset: str, batch: int, seq: int, steps: int, device: str) -> dict:
@@ -73,7 +74,6 @@ def main() -> int:
                "--seq", str(a.seq), "--steps", str(a.steps), "--device", a.device]
         rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]))
         print(rows[-1], flush=True)
-    full = rows[0]
     mem = "peak allocated MiB" if a.device == "cuda" else "peak RSS MiB"
     lines = [f"# Fine-tuning step: LoRA (peft) vs full fine-tune, `{a.preset}` preset, batch {a.batch} × {a.seq} "
              f"tokens, fp32, {a.device}", "",
@@ -84,10 +84,7 @@ def main() -> int:
              f"--steps {a.steps} --device {a.device} --out benchmarks/results/finetune.md`", "",
              f"| variant | step s | vs full | {mem} | vs full | trainable parameters | AdamW state MiB |",
              "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {r['step_s']:.2f} | {r['step_s'] / full['step_s']:.2f}× | "
-                     f"{r['peak_mib']:.0f} | {r['peak_mib'] / full['peak_mib']:.2f}× | "
-                     f"{r['trainable']:,} of {r['total']:,} | {r['optimizer_state_mib']:.1f} |")
+    lines += lora_vs_full_rows(rows)
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

@@ -14,6 +14,8 @@ Checks:
   msl 2048 and at msl 8192; a second invocation resumes from ``checkpoint_2`` and trains 2 more steps;
   ``--mode eval`` on the result (single process), and under ``torchrun --nproc_per_node 1`` (NCCL: the metric
   all-reduce must get CUDA tensors);
+* LoRA (``model.lora_params``) from the msl-2048 run's weights in bf16, ``btlm convert to-hf --merge-lora`` and
+  generation with the merged model on CUDA;
 * fp16 autocast with a fixed numeric ``loss_scaling_factor`` (GradScaler construction);
 * a quantised (int4) model: ``btlm generate`` without ``--device`` runs on the CPU, ``--device cuda`` is
   refused in one line;
@@ -34,6 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LENGTHS = (2048, 8192)
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["c_attn", "c_proj"]}
 BATCH = {2048: 8, 8192: 2}
 
 
@@ -80,6 +83,7 @@ def prepare(dirpath: Path) -> None:
                 sys.exit(f"data preparation failed, see {log}")
         _yaml(dirpath, msl, f"gpu_{msl}.yaml")
     _yaml(dirpath, 2048, "gpu_fp16.yaml", model={"fp16_type": "float16"}, optimizer={"loss_scaling_factor": 128.0})
+    _yaml(dirpath, 2048, "gpu_lora.yaml", model={"lora_params": LORA})
     for cmd in (["init", "--preset", "tiny", "--out", str(dirpath / "tiny"), "--overwrite"],
                 ["quantize", "--model", str(dirpath / "tiny"), "--out", str(dirpath / "tiny-int4"), "--bits", "4",
                  "--overwrite", "--no-progress"]):
@@ -193,6 +197,15 @@ def run(dirpath: Path, out_md: Path, lengths: str, skip_memory: bool, only: list
         check(f"eval, msl {msl}", btlm + ["run", "GPU", "--mode", "eval", "--params", cfg, "--model_dir", mdir,
                                            "--no-progress"], expect=r"(?i)loss",
               detail=lambda o: (re.findall(r"(?i)eval.*loss[^\n]*", o) or ["-"])[-1][:120])
+    lora = ["run", "GPU", "--mode", "train", "--params", "gpu_lora.yaml", "--model_dir", "runs/lora", "--no-progress",
+            "--checkpoint_path", "runs/2048/checkpoint_4.mdl", "--load_checkpoint_states", "model"]
+    check("lora (c_attn, c_proj, r 16): 2 steps from the msl 2048 run's weights", btlm + lora,
+          expect=r"checkpoint_2", detail=lambda o: f"loss {_loss(o)}; peak {_peak(o)}")
+    check("lora: convert to-hf --merge-lora", btlm + ["convert", "to-hf", "runs/lora/checkpoint_2.mdl",
+                                                      "runs/lora/merged", "--merge-lora"])
+    check("lora: generate with the merged model on cuda", btlm + ["generate", "--model", "runs/lora/merged",
+                                                                  "--device", "cuda", "--prompt", "Hello",
+                                                                  "--max-new-tokens", "4", "--no-stream"])
     check("eval under torchrun (NCCL all-reduce)",
           [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "btlm.cli", "run", "GPU",
            "--mode", "eval", "--params", "gpu_2048.yaml", "--model_dir", "runs/2048", "--no-progress"],

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import lora_vs_full_rows  # the scripts' folder is on sys.path
 
 
 def rows(path: Path, n: int, seq: int, vocab: int) -> str:
@@ -100,7 +101,6 @@ def main() -> int:
         cmd = [c for i, c in enumerate(cmd) if not (c == "--out" or (i and cmd[i - 1] == "--out"))]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    full = results[0]
     name = f"{Path(a.params).name}" + (f", {a.layers} layers" if a.layers else "")
     dev = torch.cuda.get_device_name() if a.device == "GPU" else f"cpu ({torch.backends.cpu.get_cpu_capability()})"
     lines = [f"# `btlm run` step: LoRA (`model.lora_params`) vs full fine-tune, {name}, batch {a.batch} × {a.seq} "
@@ -112,10 +112,7 @@ def main() -> int:
              f"Command: `python benchmarks/lora_run.py {' '.join(sys.argv[1:])}`", "",
              "| variant | step s | vs full | peak MiB | vs full | trainable parameters | optimizer state MiB | autocast |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['variant']} | {r['step_s']:.3f} | {r['step_s'] / full['step_s']:.2f}× | {r['peak_mib']:.0f} | "
-                     f"{r['peak_mib'] / full['peak_mib']:.2f}× | {r['trainable']:,} of {r['total']:,} | "
-                     f"{r['optimizer_state_mib']:.1f} | {r['autocast']} |")
+    lines += lora_vs_full_rows(results, extra=("autocast",))
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

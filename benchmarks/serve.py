@@ -76,8 +76,11 @@ def ensure_models(workdir: Path, preset: str, variants: list[str]) -> dict[str, 
 
 def server_command(variant: str, path: Path, port: int, model_name: str) -> list[str]:
     if variant == "llama-server":
+        # --interrupt_requests False: by default that server cancels the running completion when another
+        # request arrives (cut-off streams, not a queue); btlm's llama.cpp engine queues them
         return [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", model_name,
-                "--port", str(port), "--n_ctx", "2048"]
+                "--port", str(port), "--n_ctx", "2048", "--interrupt_requests", "False",
+                "--n_threads", str(os.cpu_count())]  # its default is half the cores; btlm's engine uses all
     cmd = [sys.executable, "-m", "btlm", "serve", "--model", str(path), "--port", str(port), "--model-name",
            model_name, "--log-level", "warning"]
     if variant == "llama":
@@ -104,16 +107,19 @@ def wait_up(proc: subprocess.Popen, base_url: str, tail, timeout: float = 300) -
 def one_request(client, model: str, prompt: str, new_tokens: int) -> dict:
     start = time.perf_counter()
     first = None
-    tokens = 0
+    tokens = chunks = 0
     stream = client.completions.create(model=model, prompt=prompt, max_tokens=new_tokens, temperature=0, stream=True,
                                        stream_options={"include_usage": True})
     for chunk in stream:
-        if chunk.choices and chunk.choices[0].text and first is None:
-            first = time.perf_counter()
+        if chunk.choices and chunk.choices[0].text:
+            chunks += 1
+            if first is None:
+                first = time.perf_counter()
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
     end = time.perf_counter()
-    return {"ttft": (first or end) - start, "latency": end - start, "tokens": tokens}
+    # llama-cpp-python's server sends no usage on a stream; it streams one token per chunk
+    return {"ttft": (first or end) - start, "latency": end - start, "tokens": tokens or chunks}
 
 
 def run_level(base_url: str, model: str, clients: int, requests: int, new_tokens: int) -> dict:
@@ -191,6 +197,16 @@ LABELS = {
 }
 
 
+def _llama_ratios(results: dict[str, list[dict] | str]) -> str:
+    """``"1 client 0.98×, 4 clients 1.01×, …"``: the llama.cpp engine's tok/s over the peer server's."""
+    ours, peer = results.get("llama"), results.get("llama-server")
+    if not isinstance(ours, list) or not isinstance(peer, list):
+        return ""
+    by_clients = {r["clients"]: r["tok_s"] for r in peer}
+    return ", ".join(f"{r['clients']} client{'s' if r['clients'] > 1 else ''} {r['tok_s'] / by_clients[r['clients']]:.2f}×"
+                     for r in ours if by_clients.get(r["clients"]))
+
+
 def markdown(results: dict[str, list[dict] | str], args, load: tuple[float, float, float]) -> str:
     lines = [
         f"## `btlm serve` under concurrent clients ({args.preset} preset, random weights)", "",
@@ -215,6 +231,18 @@ def markdown(results: dict[str, list[dict] | str], args, load: tuple[float, floa
               "kernel (`_weight_int4pack_mm_for_cpu`) costs time per input row (see `DEQUANT_MIN_ROWS` in "
               "src/btlm/quant/modules.py), so its share of a decode step grows with the batch and batching "
               "amortises mainly the rest (attention, sampling, HTTP)."]
+    ratios = _llama_ratios(results)
+    if ratios:
+        import llama_cpp
+
+        info = llama_cpp.llama_print_system_info().decode().strip().rstrip("|").strip()
+        lines += ["", f"llama-cpp-python {llama_cpp.__version__}, built with: `{info}`"]
+    if ratios:
+        lines += ["", "llama.cpp engine / llama-cpp-python's own server (`--interrupt_requests False`, so both queue "
+                      "requests; one llama.cpp context each, both with all cores' threads), tok/s at the same "
+                      "clients: " + ratios
+                  + " (target ≥ 0.9×). The peer's streams carry no usage, so its tokens are its streamed chunks "
+                    "(one token each)."]
     if any(isinstance(rows, str) for rows in results.values()):
         lines += ["", "The llama.cpp rows (this engine, and llama-cpp-python's own server on the same GGUF, target ≥ "
                       "0.9× of it) are run by the same command where llama-cpp-python is installed; it was not "

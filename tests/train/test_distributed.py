@@ -30,24 +30,24 @@ def _run(raw, model_dir, env, **rc):
     return Runner(parse_params(raw), raw, model_dir, "CPU", env).train()["losses"]
 
 
-def _worker(rank: int, world: int, port: int, raw: dict, out: str) -> None:
+def _worker(rank: int, world: int, port: int, raw: dict, out: str, prefix: str = "",
+            first_run: dict | None = None) -> None:
+    """One rank: under DDP, then FSDP2, train to step 2 (``first_run``: extra runconfig of that run), then resume
+    to step 4; rank 0 writes every step's loss to ``<out>/<prefix>losses.json``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     losses = {}
     for strategy in ("ddp", "fsdp"):
         env = D.init_distributed("CPU", "gloo", "env://", strategy)
-        model_dir = os.path.join(out, strategy)
-        # save_initial_checkpoint: writing the empty optimizer state must not change training (the
-        # one-process reference does not write it)
-        losses[strategy] = _run(raw, model_dir, env, max_steps=2, distributed_strategy=strategy,
-                                save_initial_checkpoint=True)
+        model_dir = os.path.join(out, prefix + strategy)
+        losses[strategy] = _run(raw, model_dir, env, max_steps=2, distributed_strategy=strategy, **(first_run or {}))
         # resume; a .dcp directory (whose .metadata is a pickle) loads only with allow_unpickle (--allow_unpickle)
         losses[strategy].update(_run(raw, model_dir, env, max_steps=4, distributed_strategy=strategy,
                                      allow_unpickle=strategy == "fsdp"))
     torch.distributed.destroy_process_group()
     if rank == 0:
-        with open(os.path.join(out, "losses.json"), "w") as f:
+        with open(os.path.join(out, prefix + "losses.json"), "w") as f:
             json.dump(losses, f)
 
 
@@ -58,8 +58,10 @@ def test_two_process_ddp_and_fsdp_match_one_process(tiny_raw, tmp_path):
 
     per_rank = copy.deepcopy(single)
     per_rank["train_input"]["batch_size"] = 2  # x 2 ranks = the same global batch of 4
-    mp.start_processes(_worker, args=(2, _free_port(), per_rank, str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    # save_initial_checkpoint: writing the empty optimizer state must not change training (the one-process
+    # reference does not write it)
+    args = (2, _free_port(), per_rank, str(tmp_path), "", {"save_initial_checkpoint": True})
+    mp.start_processes(_worker, args=args, nprocs=2, join=True, start_method="spawn")
     got = json.loads((tmp_path / "losses.json").read_text())
     for strategy in ("ddp", "fsdp"):
         for step in range(1, 5):
@@ -99,24 +101,6 @@ def test_torchrun_cli_launch(tiny_raw, tmp_path):
     assert state["global_step"] == 2 and state["dataloader"]["samples_streamed"] == 8
 
 
-def _lora_worker(rank: int, world: int, port: int, raw: dict, base: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    losses = {}
-    for strategy in ("ddp", "fsdp"):
-        env = D.init_distributed("CPU", "gloo", "env://", strategy)
-        model_dir = os.path.join(out, f"lora_{strategy}")
-        losses[strategy] = _run(raw, model_dir, env, max_steps=2, distributed_strategy=strategy, checkpoint_path=base,
-                                load_checkpoint_states="model")
-        losses[strategy].update(_run(raw, model_dir, env, max_steps=4, distributed_strategy=strategy,
-                                     allow_unpickle=strategy == "fsdp"))  # resumes from its own checkpoint
-    torch.distributed.destroy_process_group()
-    if rank == 0:
-        with open(os.path.join(out, "lora_losses.json"), "w") as f:
-            json.dump(losses, f)
-
-
 def test_lora_runs_on_two_processes_like_one(tiny_raw, tmp_path):
     """A LoRA run (model.lora_params) under DDP and FSDP2 matches one process, resumes, and keeps the base."""
     full = copy.deepcopy(tiny_raw)
@@ -131,8 +115,9 @@ def test_lora_runs_on_two_processes_like_one(tiny_raw, tmp_path):
 
     per_rank = copy.deepcopy(lora)
     per_rank["train_input"]["batch_size"] = 2
-    mp.start_processes(_lora_worker, args=(2, _free_port(), per_rank, base, str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    first_run = {"checkpoint_path": base, "load_checkpoint_states": "model"}
+    args = (2, _free_port(), per_rank, str(tmp_path), "lora_", first_run)
+    mp.start_processes(_worker, args=args, nprocs=2, join=True, start_method="spawn")
     got = json.loads((tmp_path / "lora_losses.json").read_text())
     for strategy in ("ddp", "fsdp"):
         for step in range(1, 5):
