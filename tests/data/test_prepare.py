@@ -185,8 +185,10 @@ def test_resume_keeps_h5_files_btlm_did_not_write(tmp_path):
     out = tmp_path / "killed"
     _killed_run(d, out, common)
     (out / "mine.h5").write_bytes(b"the user's own file")
+    (out / ".my_notes.tmp").write_bytes(b"the user's own hidden file")
     prepare(d, out, batch_chars=20000, resume_from_checkpoint=True, **common)
     assert (out / "mine.h5").read_bytes() == b"the user's own file"
+    assert (out / ".my_notes.tmp").read_bytes() == b"the user's own hidden file"
 
 
 def test_kill_and_resume_gives_identical_shards(tmp_path):
@@ -195,7 +197,7 @@ def test_kill_and_resume_gives_identical_shards(tmp_path):
     out = tmp_path / "killed"
     _killed_run(d, out, common)
     # a half-written shard never carries a finished name
-    (out / ".examples_00099.h5.tmp123").write_bytes(b"partial")
+    (out / ".examples_00099.h5.k3_x9q.tmp").write_bytes(b"partial")  # btlm.io.atomic_path's temporary name
     assert not (out / "data_params.json").exists()
     with pytest.raises(DataError, match="already holds"):
         prepare(d, out, batch_chars=20000, **common)

@@ -202,9 +202,12 @@ def _prepare_output(cfg: DataConfig, fingerprint: dict) -> dict | None:
         raise DataError(f"--resume_from_checkpoint: {ckpt_path} was written with different {what}; "
                         "resume needs the same inputs and settings")
     keep = {shard_name(cfg, i) for i in range(ckpt["shards_written"])}
-    ours = re.compile(re.escape(cfg.output_name) + r"_\d{5}\.h5")  # only names btlm gives its shards
+    shard = re.escape(cfg.output_name) + r"_\d{5}\.h5"  # only names btlm gives its shards
+    ours = re.compile(shard)
+    # btlm.io.atomic_path's temporaries (".<name>.<random>.tmp") of the files btlm writes here
+    temporary = re.compile(rf"\.(?:{shard}|{re.escape(CHECKPOINT)}|data_params\.json)\.\w+\.tmp")
     for f in os.listdir(out):  # shards after the checkpoint and half-written temporaries are redone
-        if (ours.fullmatch(f) and f not in keep) or (f.startswith(".") and ".tmp" in f):
+        if (ours.fullmatch(f) and f not in keep) or temporary.fullmatch(f):
             os.remove(os.path.join(out, f))
     missing = sorted(keep - set(os.listdir(out)))
     if missing:
