@@ -16,6 +16,7 @@ def test_module_docstrings_one_document_per_module(tmp_path):
     docs = list(module_docstrings(tmp_path))
     assert docs == [("b", f"{LONG}\n\n{LONG}!"), ("broken", ""), ("pkg___init__", LONG), ("plain", "")]
     assert list(module_docstrings(tmp_path, min_chars=0))[2] == ("pkg___init__", f"{LONG}\n\nshort")
+    assert list(module_docstrings(tmp_path, names={"b", "plain"})) == [docs[0], docs[3]]  # the others unread
 
 
 def test_the_stdlib_gives_megabytes_of_english():

@@ -6,6 +6,7 @@ trains its byte model on part of it, and ``benchmarks/data_prep.py`` measures da
 from __future__ import annotations
 
 import ast
+import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,16 +15,23 @@ from pathlib import Path
 SKIP = ("test", "tests", "idlelib", "site-packages", "lib2to3")
 
 
-def module_docstrings(root: str | Path | None = None, min_chars: int = 80,
-                      skip: tuple[str, ...] = SKIP) -> Iterator[tuple[str, str]]:
+def module_docstrings(root: str | Path | None = None, min_chars: int = 80, skip: tuple[str, ...] = SKIP,
+                      names: set[str] | None = None) -> Iterator[tuple[str, str]]:
     """``(name, text)`` for every ``.py`` file below ``root`` (default: the standard library), in sorted path
     order: ``name`` is the module path joined by ``_`` (``json___init__``, ``email_parser``) and ``text`` its
     module, class and function docstrings longer than ``min_chars`` (shorter ones are mostly identifiers,
-    little English), joined by blank lines; ``""`` for a file with none or one that does not parse."""
+    little English), joined by blank lines; ``""`` for a file with none or one that does not parse.
+    ``names``: only these modules (the others are not parsed)."""
     src = Path(root or sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in src.rglob("*.py") if not any(part in skip for part in p.relative_to(src).parts))
+    files = []
+    for folder, subfolders, filenames in os.walk(src):  # skipped folders are not entered (site-packages is big)
+        subfolders[:] = [d for d in subfolders if d not in skip]
+        files += [Path(folder, f) for f in filenames if f.endswith(".py") and f not in skip]
+    files.sort()
     for path in files:
         name = "_".join(path.relative_to(src).with_suffix("").parts)
+        if names is not None and name not in names:
+            continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):

@@ -54,7 +54,7 @@ def docstring_bytes() -> list[int]:
     from btlm.data.corpus import module_docstrings
 
     wanted = set(_DOC_MODULES) | {f"{m}___init__" for m in _DOC_MODULES}  # a module, or a package's __init__
-    return list("\n\n".join(text for name, text in module_docstrings() if name in wanted and text).encode())
+    return list("\n\n".join(text for _, text in module_docstrings(names=wanted) if text).encode())
 
 
 def train_tiny_byte_model(steps: int = 150, seed: int = 0):
